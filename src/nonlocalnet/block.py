@@ -1,0 +1,537 @@
+"""The non-local block (paper §3.3, Fig. 2) for 1-D, 2-D and 3-D inputs, and ``add_nonlocal``.
+
+z = BN(W_z y) + x with y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j), where theta, phi, g and W_z are
+1x1(x1) convolutions. Conventions follow the official Caffe2 release (shared/PAPER.md §0, §4.1):
+the key/value max-pool is applied to the block input before the phi and g convolutions, the
+softmax logits are scaled by inner_channels^-0.5, every conv has a bias and is initialised from
+N(0, 0.01^2), and the BN scale after W_z starts at 0 so the block starts as the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .attention import IMPLS, MODES, nonlocal_attention, attention_weights
+
+AFFINITIES = ("spacetime", "space", "time")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+# Subsampling of the key/value side (paper §3.3): space only for video, time for sequences.
+_POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+_LAYOUT = {1: "(B, C, T)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
+
+
+class _WindowMax(torch.autograd.Function):
+    """Max over non-overlapping windows (kernel == stride, floor mode), like max_pool{1,2,3}d.
+
+    Several times faster than PyTorch's CPU max_pool3d for the (1, 2, 2) windows of video blocks:
+    the forward is a chain of elementwise maxima over strided views. The backward routes each
+    gradient to the first maximal element of its window (window order), as max_pool does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel: tuple[int, ...]):
+        views = _window_views(x, kernel)
+        best = views[0]
+        for view in views[1:]:
+            best = torch.maximum(best, view)
+        best = best.contiguous() if len(views) > 1 else best.clone()
+        ctx.save_for_backward(x, best)
+        ctx.kernel = kernel
+        return best
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, best = ctx.saved_tensors
+        dx = grad.new_zeros(x.shape)
+        free = None  # windows whose maximum has not been claimed by an earlier element
+        for view, d_view in zip(_window_views(x, ctx.kernel), _window_views(dx, ctx.kernel)):
+            hit = view == best
+            if free is not None:
+                hit &= free
+            d_view.copy_(grad * hit)
+            free = ~hit if free is None else free & ~hit
+        return dx, None
+
+
+def _window_views(x, kernel):
+    """One strided view of x per offset inside a window: the window's elements, in window order."""
+    lead = x.dim() - len(kernel)
+    sizes = [s // k for s, k in zip(x.shape[lead:], kernel)]
+    return [x[(Ellipsis, *_window_slices(offset, kernel, sizes))] for offset in _offsets(kernel)]
+
+
+def _offsets(kernel):
+    offsets = [()]
+    for k in kernel:
+        offsets = [o + (i,) for o in offsets for i in range(k)]
+    return offsets
+
+
+def _window_slices(offset, kernel, sizes):
+    return [slice(o, o + k * n, k) for o, k, n in zip(offset, kernel, sizes)]
+
+
+def _sum_of_products(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """sum_b lhs[b] @ rhs[b] accumulated in place, without a (B, M, K) intermediate."""
+    total = lhs.new_zeros(lhs.shape[1], rhs.shape[2])
+    for b in range(lhs.shape[0]):
+        total.addmm_(lhs[b], rhs[b])
+    return total
+
+
+class _ToTokens(torch.autograd.Function):
+    """1x1 conv from channel-first features (B, C, P) to tokens (B, P, C'): one batched GEMM.
+
+    The backward returns the feature gradient channel-first and contiguous, like the features, so
+    autograd never adds a transposed gradient into the block input.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias):
+        ctx.save_for_backward(feats, weight)
+        ctx.has_bias = bias is not None
+        batch, channels, _ = feats.shape
+        tokens = torch.bmm(feats.transpose(1, 2), weight.t().expand(batch, channels, -1))  # (B, P, C')
+        return tokens.add_(bias) if bias is not None else tokens
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        feats, weight = ctx.saved_tensors
+        batch = feats.shape[0]
+        d_feats = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_feats = torch.bmm(weight.t().expand(batch, -1, -1), grad.transpose(1, 2))  # (B, C, P)
+        if ctx.needs_input_grad[1]:
+            d_weight = _sum_of_products(grad.transpose(1, 2), feats.transpose(1, 2))  # (C', C)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = grad.sum((0, 1))
+        return d_feats, d_weight, d_bias
+
+
+class _FromTokens(torch.autograd.Function):
+    """1x1 conv from tokens (B, P, C') back to channel-first features (B, C, P); the inverse layout
+    of :class:`_ToTokens`, with the token gradient returned contiguous."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight, bias):
+        ctx.save_for_backward(tokens, weight)
+        ctx.has_bias = bias is not None
+        feats = torch.bmm(weight.expand(tokens.shape[0], -1, -1), tokens.transpose(1, 2))  # (B, C, P)
+        return feats.add_(bias[:, None]) if bias is not None else feats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        tokens, weight = ctx.saved_tensors
+        batch = tokens.shape[0]
+        d_tokens = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_tokens = torch.bmm(grad.transpose(1, 2), weight.expand(batch, -1, -1))  # (B, P, C')
+        if ctx.needs_input_grad[1]:
+            d_weight = _sum_of_products(grad, tokens)  # (C, C')
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = grad.sum((0, 2))
+        return d_tokens, d_weight, d_bias
+
+
+def _tokens(conv: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """``conv`` (1x1) applied to (B, C, P) features, as (B, P, C') tokens."""
+    return _ToTokens.apply(feats, conv.weight.flatten(1), conv.bias)
+
+
+def _plain_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """nn.BatchNorm{1,2,3}d semantics on a flattened (B, C, P) view of its input.
+
+    PyTorch's CPU kernel is up to 4x faster on the flat view than on (B, C, T, H, W) with many
+    channels and few positions (res4). Any other norm module (SyncBatchNorm, ...) is called as is.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        x,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        momentum,
+        bn.eps,
+    )
+
+
+class NonLocalBlock(nn.Module):
+    """Non-local block z = norm(W_z y) + x, paper §3, for inputs (B, C, T), (B, C, H, W) or (B, C, T, H, W).
+
+    Args:
+        in_channels: C, channels of the input and the output.
+        inner_channels: channels of theta, phi and g (default C // 2, the paper's bottleneck).
+        mode: pairwise function f: ``gaussian`` exp(x_i . x_j), ``embedded_gaussian``
+            exp(theta_i . phi_j) (both normalised by a softmax over j), ``dot_product``
+            theta_i . phi_j / M or ``concatenation`` ReLU(w_f . [theta_i, phi_j]) / M, where M is
+            the number of key positions (after subsampling).
+        dims: 1, 2 or 3 spatial-temporal dimensions.
+        subsample: max-pool the key/value side (phi and g; x itself for ``gaussian``) before the
+            convs: kernel = stride (1, 2, 2) in 3-D, (2, 2) in 2-D, 2 along time in 1-D.
+        scale: multiplier of the softmax logits: True gives 1/sqrt(d), d being the length of the
+            dotted vectors (inner_channels; in_channels for ``gaussian``, whose f dots x itself),
+            as the official release; False gives 1 (the paper's equations); a float is used as
+            given. The dot product and concatenation have no logits to scale: there only True,
+            False or 1.0 are accepted and change nothing.
+        norm: BatchNorm after W_z with its scale initialised to 0 (the block starts as the
+            identity); with False there is no norm and W_z itself is zero-initialised.
+        affinity: which positions j each i sees (Table 2d): ``spacetime`` all, ``space`` those in
+            the same frame, ``time`` those at the same location in every frame. With subsampling,
+            a time-only query sees the pooled window that contains it (windows at an odd edge are
+            partial). ``space`` needs a frame axis besides space (dims=3; dims=2 is all space),
+            ``time`` a time axis (dims=1 or 3).
+        impl: attention implementation, see :func:`nonlocalnet.attention.nonlocal_attention`;
+            ``"naive"`` materialises the affinity (the reference), ``"auto"`` never does.
+
+    Submodules (state-dict keys): ``theta``, ``phi`` (not for ``gaussian``), ``g``, ``out``
+    (1x1 convs with bias), ``norm`` (when norm=True) and, for ``concatenation``, ``concat`` holding
+    w_f as a bias-free 1x1 conv from 2 * inner_channels to 1 (first half for theta, second for phi).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        inner_channels: int | None = None,
+        mode: str = "embedded_gaussian",
+        dims: int = 3,
+        subsample: bool = True,
+        scale: bool | float = True,
+        norm: bool = True,
+        affinity: str = "spacetime",
+        *,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl)
+        inner = in_channels // 2 if inner_channels is None else int(inner_channels)
+        if inner < 1:
+            where = " (the default in_channels // 2)" if inner_channels is None else ""
+            raise ValueError(f"inner_channels: expected >= 1, got {inner}{where}")
+        self.in_channels, self.inner_channels = int(in_channels), inner
+        self.mode, self.dims, self.affinity, self.impl = mode, dims, affinity, impl
+        self.subsample = bool(subsample)
+        self.pool_kernel = _POOL[dims] if subsample else None
+        self.scale = _resolve_scale(scale, mode, in_channels if mode == "gaussian" else inner)
+        conv = _CONV[dims]
+        if mode != "gaussian":
+            self.theta = conv(in_channels, inner, 1)
+            self.phi = conv(in_channels, inner, 1)
+        self.g = conv(in_channels, inner, 1)
+        self.out = conv(inner, in_channels, 1)
+        if mode == "concatenation":
+            self.concat = conv(2 * inner, 1, 1, bias=False)
+        self.norm = _BN[dims](in_channels) if norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation: convs N(0, 0.01^2), biases 0; the block starts as the identity."""
+        for name in ("theta", "phi", "g", "out", "concat"):
+            module = getattr(self, name, None)
+            if module is not None:
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+            nn.init.zeros_(self.norm.weight)
+        else:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.inner_channels}, mode={self.mode!r}, dims={self.dims}, "
+            f"subsample={self.subsample}, scale={self.scale:.4g}, affinity={self.affinity!r}, impl={self.impl!r}"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.transform(x)
+        if type(self.norm) in _BN.values():
+            y = _plain_batch_norm(self.norm, y.flatten(2)).view(x.shape)
+        elif self.norm is not None:
+            y = self.norm(y)
+        return x + y
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """W_z y, the block's residual branch before the norm: same shape as x."""
+        q, k, v, groups = self._qkv(x)
+        concat_weight = self.concat.weight if self.mode == "concatenation" else None
+        y = nonlocal_attention(
+            q, k, v, mode=self.mode, scale=self.scale, concat_weight=concat_weight, impl=self.impl
+        )
+        y = groups.ungroup(y)  # (B, N, C')
+        out = _FromTokens.apply(y, self.out.weight.flatten(1), self.out.bias)  # (B, C, N)
+        return out.view(x.shape)
+
+    def attention_map(self, x: torch.Tensor, queries) -> torch.Tensor:
+        """Attention weights f(x_i, x_j)/C(x) of chosen query positions, without the full matrix.
+
+        Args:
+            x: block input.
+            queries: flat indices into the N = prod(x.shape[2:]) positions, shape (Q,) or (B, Q).
+
+        Returns:
+            (B, Q, M) weights over the key positions of the (subsampled) key map of shape
+            ``self.key_shape(x.shape)``; for ``space``/``time`` affinity the weights outside the
+            query's frame / location are 0.
+        """
+        self._check_input(x)
+        q, k, v, groups = self._qkv(x)
+        queries = torch.as_tensor(queries, dtype=torch.long, device=x.device)
+        if queries.dim() == 1:
+            queries = queries.expand(x.shape[0], -1)
+        positions = math.prod(x.shape[2:])
+        if queries.dim() != 2 or queries.shape[0] != x.shape[0]:
+            raise ValueError(f"queries: expected shape (Q,) or ({x.shape[0]}, Q), got {tuple(queries.shape)}")
+        if queries.numel() and (int(queries.min()) < 0 or int(queries.max()) >= positions):
+            raise ValueError(f"queries: expected flat positions in [0, {positions}), got {queries.tolist()}")
+        concat_weight = self.concat.weight if self.mode == "concatenation" else None
+        return groups.query_weights(
+            q, k, queries, mode=self.mode, scale=self.scale, concat_weight=concat_weight
+        )
+
+    def key_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial-temporal shape of the key/value map for an input of the given shape."""
+        spatial = tuple(shape[2:])
+        if self.pool_kernel is None:
+            return spatial
+        rounding = math.ceil if self.affinity == "time" else math.floor
+        return tuple(int(rounding(s / k)) for s, k in zip(spatial, self.pool_kernel))
+
+    # ----------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.dims + 2:
+            raise ValueError(
+                f"x: expected a {self.dims + 2}-D input {_LAYOUT[self.dims]} for dims={self.dims}, "
+                f"got {x.dim()}-D shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected {self.in_channels} channels (dim 1), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if self.pool_kernel is not None:
+            spatial = tuple(x.shape[2:])
+            if any(s < k for s, k in zip(spatial, self.pool_kernel)):
+                raise ValueError(
+                    f"x: size {spatial} after (B, C) is too small to subsample by {self.pool_kernel}; "
+                    "pass subsample=False for inputs this small"
+                )
+
+    def _keys_source(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.pool_kernel
+        if kernel is None:
+            return x
+        if self.affinity == "time":
+            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[self.dims]
+            return pool(x, kernel, kernel, ceil_mode=True)
+        return _WindowMax.apply(x, kernel)
+
+    def _qkv(self, x: torch.Tensor):
+        self._check_input(x)
+        x_flat = x.flatten(2)  # (B, C, N)
+        source = self._keys_source(x)
+        key_flat = source.flatten(2)  # (B, C, M)
+        if self.mode == "gaussian":
+            q, k = x_flat.transpose(1, 2), key_flat.transpose(1, 2)  # (B, N, C), (B, M, C)
+            if self.impl != "naive":
+                q, k = q.contiguous(), k.contiguous()
+        else:
+            q, k = _tokens(self.theta, x_flat), _tokens(self.phi, key_flat)  # (B, N, C'), (B, M, C')
+        v = _tokens(self.g, key_flat)  # (B, M, C')
+        groups = _Groups(self.affinity, self.dims, tuple(x.shape[2:]), tuple(source.shape[2:]), self.pool_kernel)
+        return groups.group(q), groups.group_keys(k), groups.group_keys(v), groups
+
+
+class _Groups:
+    """Splits (B, N, C) tokens into the independent groups of an affinity and back.
+
+    ``spacetime``: one group per clip. ``space``: one group per frame (a free view, tokens are
+    frame-major). ``time``: one group per key location, holding the T * kh * kw queries of its window.
+    """
+
+    def __init__(self, affinity, dims, shape, key_shape, kernel):
+        self.kind = "spacetime"
+        if affinity == "space" and dims == 3:
+            self.kind = "space"
+        elif affinity == "time" and dims == 3:
+            self.kind = "time"
+        self.shape, self.key_shape = shape, key_shape
+        self.kernel = tuple(kernel) if kernel is not None else (1,) * len(shape)
+
+    def group(self, q):
+        if self.kind == "spacetime":
+            return q
+        b, _, c = q.shape
+        t, h, w = self.shape
+        if self.kind == "space":
+            return q.reshape(b * t, h * w, c)
+        _, kh, kw = self.kernel
+        hk, wk = self.key_shape[1:]
+        q = q.view(b, t, h, w, c)
+        q = F.pad(q, (0, 0, 0, wk * kw - w, 0, hk * kh - h))  # (B, T, hk*kh, wk*kw, C)
+        q = q.view(b, t, hk, kh, wk, kw, c).permute(0, 2, 4, 1, 3, 5, 6)  # (B, hk, wk, T, kh, kw, C)
+        return q.reshape(b * hk * wk, t * kh * kw, c)
+
+    def group_keys(self, k):
+        if self.kind == "spacetime":
+            return k
+        b, _, c = k.shape
+        tk, hk, wk = self.key_shape
+        if self.kind == "space":
+            return k.reshape(b * tk, hk * wk, c)
+        return k.view(b, tk, hk * wk, c).transpose(1, 2).reshape(b * hk * wk, tk, c)
+
+    def ungroup(self, y):
+        if self.kind == "spacetime":
+            return y
+        t, h, w = self.shape
+        c = y.shape[-1]
+        if self.kind == "space":
+            return y.reshape(-1, t * h * w, c)
+        _, kh, kw = self.kernel
+        hk, wk = self.key_shape[1:]
+        y = y.view(-1, hk, wk, t, kh, kw, c).permute(0, 3, 1, 4, 2, 5, 6).reshape(-1, t, hk * kh, wk * kw, c)
+        return y[:, :, :h, :w].reshape(-1, t * h * w, c)
+
+    def query_weights(self, q, k, queries, **kw):
+        """(B, Q, M) weights of flat query positions, zero outside each query's group."""
+        if self.kind == "spacetime":
+            return attention_weights(q, k, queries, **kw)
+        b = queries.shape[0]
+        t, h, w = self.shape
+        tk, hk, wk = self.key_shape
+        ti, rest = queries // (h * w), queries % (h * w)
+        hi, wi = rest // w, rest % w
+        _, kh, kw_ = self.kernel
+        if self.kind == "space":
+            group = torch.arange(b, device=q.device)[:, None] * t + ti  # (B, Q)
+            within = rest
+        else:
+            group = (torch.arange(b, device=q.device)[:, None] * hk + hi // kh) * wk + wi // kw_
+            within = (ti * kh + hi % kh) * kw_ + wi % kw_
+        rows = []
+        for g_row, w_row in zip(group.reshape(-1), within.reshape(-1)):
+            rows.append(attention_weights(q[g_row : g_row + 1], k[g_row : g_row + 1], w_row.view(1), **kw)[0, 0])
+        weights = torch.stack(rows).view(b, queries.shape[1], -1)  # (B, Q, keys per group)
+        full = weights.new_zeros(b, queries.shape[1], tk * hk * wk)
+        if self.kind == "space":
+            cols = ti[:, :, None] * (hk * wk) + torch.arange(hk * wk, device=q.device)
+        else:
+            loc = (hi // kh) * wk + wi // kw_
+            cols = torch.arange(tk, device=q.device) * (hk * wk) + loc[:, :, None]
+        return full.scatter(2, cols, weights)
+
+
+def _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl) -> None:
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
+    if inner_channels is not None and (not isinstance(inner_channels, int) or isinstance(inner_channels, bool)):
+        raise ValueError(f"inner_channels: expected an int >= 1 or None, got {inner_channels!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims: expected 1, 2 or 3, got {dims!r}")
+    if affinity not in AFFINITIES:
+        raise ValueError(f"affinity: expected one of {AFFINITIES}, got {affinity!r}")
+    if affinity == "space" and dims == 1:
+        raise ValueError("affinity: expected 'spacetime' or 'time' for dims=1 (a time axis only), got 'space'")
+    if affinity == "time" and dims == 2:
+        raise ValueError("affinity: expected 'spacetime' or 'space' for dims=2 (no time axis), got 'time'")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if not isinstance(scale, (bool, int, float)) or (not isinstance(scale, bool) and not scale > 0):
+        raise ValueError(f"scale: expected True, False or a positive number, got {scale!r}")
+
+
+def _resolve_scale(scale, mode: str, width: int) -> float:
+    if mode in ("gaussian", "embedded_gaussian"):
+        if scale is True:
+            return width**-0.5
+        return 1.0 if scale is False else float(scale)
+    if not isinstance(scale, bool) and float(scale) != 1.0:
+        raise ValueError(
+            f"scale: expected True, False or 1.0 for mode {mode!r}, which has no softmax logits to scale, got {scale!r}"
+        )
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Adding blocks to existing networks
+# --------------------------------------------------------------------------------------------
+
+_DIMS_OF = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def _apply_nonlocal_block(module: nn.Module, args, output):
+    """Forward hook: the module's output passes through its ``nonlocal_block`` child."""
+    return module.nonlocal_block(output)
+
+
+def _infer_channels_and_dims(module: nn.Module, name: str) -> tuple[int, int]:
+    """Output channels and dims of a module from its last conv or norm layer (registration order)."""
+    found = None
+    for sub in module.modules():
+        dims = next((d for cls, d in _DIMS_OF.items() if isinstance(sub, cls)), None)
+        if dims is None:
+            continue
+        channels = getattr(sub, "out_channels", None) or getattr(sub, "num_features", None)
+        found = (int(channels), dims)
+    if found is None:
+        raise ValueError(
+            f"after: cannot infer the output channels of {name!r} ({type(module).__name__}, no conv or "
+            "batch-norm layer inside); pass in_channels= and dims= explicitly"
+        )
+    return found
+
+
+def add_nonlocal(model: nn.Module, after: Sequence[str], *, in_channels: int | None = None, dims: int | None = None, **block_kwargs):
+    """Insert a :class:`NonLocalBlock` after each named submodule of an existing network, in place.
+
+    The block becomes a child ``nonlocal_block`` of the named module and is applied to its output
+    by a forward hook, so every existing state-dict key is unchanged (pretrained weights still
+    load) and the new ones read ``<name>.nonlocal_block.theta.weight`` and so on. Each block starts
+    as the identity, so the model's output is unchanged at initialisation.
+
+    Args:
+        model: any ``nn.Module``, e.g. a torchvision or timm ResNet.
+        after: names as in ``model.named_modules()``, e.g. ``["layer3.4"]``.
+        in_channels, dims: override the values inferred from the module's last conv / norm layer.
+        **block_kwargs: further :class:`NonLocalBlock` arguments (mode, subsample, affinity, ...).
+
+    Returns:
+        The list of inserted blocks, in the order of ``after``.
+    """
+    if isinstance(after, str):
+        after = [after]
+    modules = dict(model.named_modules())
+    blocks = []
+    for name in after:
+        if name not in modules:
+            close = __import__("difflib").get_close_matches(name, list(modules), n=5)
+            raise ValueError(f"after: no submodule named {name!r} in {type(model).__name__}; close matches: {close}")
+        target = modules[name]
+        if hasattr(target, "nonlocal_block"):
+            raise ValueError(f"after: {name!r} already has a non-local block")
+        channels, inferred_dims = (in_channels, dims) if in_channels and dims else _infer_channels_and_dims(target, name)
+        block = NonLocalBlock(in_channels or channels, dims=dims or inferred_dims, **block_kwargs)
+        target.add_module("nonlocal_block", block)
+        target.register_forward_hook(_apply_nonlocal_block)
+        blocks.append(block)
+    return blocks

@@ -1,0 +1,203 @@
+"""Fast attention paths against their materialising twins: values, gradients, memory, precision."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import rel_err
+from nonlocalnet import attention as A
+
+SHAPES = [(1, 1, 1, 3, 2), (2, 37, 11, 5, 7), (3, 53, 29, 8, 8), (2, 129, 61, 16, 16)]  # B, N, M, C, Cv
+
+
+def _inputs(shape, dtype, grad=True, spread=1.0):
+    b, n, m, c, cv = shape
+    q = torch.randn(b, n, c, dtype=dtype) * spread
+    k = torch.randn(b, m, c, dtype=dtype) * spread
+    v = torch.randn(b, m, cv, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _value_and_grads(fn, tensors, weight=None):
+    out = fn(*tensors)
+    if weight is None:
+        weight = torch.randn_like(out)  # a random upstream gradient, never all ones or zeros
+    grads = torch.autograd.grad((out * weight).sum(), tensors)
+    return out, grads, weight
+
+
+def _compare(fast, naive, tensors, tol):
+    out_n, grads_n, weight = _value_and_grads(naive, tensors)
+    out_f, grads_f, _ = _value_and_grads(fast, tensors, weight)
+    assert rel_err(out_f, out_n) < tol
+    for gf, gn in zip(grads_f, grads_n):
+        assert rel_err(gf, gn) < tol
+
+
+_SOFTMAX_CASES = [
+    (shape, impl, chunk)
+    for shape in SHAPES
+    for impl, chunk in [("auto", None), ("chunked", 7), ("chunked", None), ("sdpa", None)]
+    if impl != "sdpa" or shape[3] == shape[4]  # the CPU flash kernel needs equal q and v widths
+]
+
+
+@pytest.mark.parametrize("shape,impl,chunk", _SOFTMAX_CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_softmax_matches_reference(shape, dtype, tol, impl, chunk):
+    tensors = _inputs(shape, dtype)
+    scale = shape[3] ** -0.5
+    _compare(
+        lambda q, k, v: A.softmax_attention(q, k, v, scale=scale, impl=impl, chunk_size=chunk),
+        lambda q, k, v: A.softmax_attention_reference(q, k, v, scale=scale),
+        tensors,
+        tol,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_dot_product_matches_reference(shape, dtype, tol):
+    _compare(A.dot_product_attention, A.dot_product_attention_reference, _inputs(shape, dtype), tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_concatenation_matches_reference(shape):
+    b, n, m, _, cv = shape
+    a = torch.randn(b, n, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(b, m, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, m, cv, dtype=torch.float64, requires_grad=True)
+    _compare(A.concatenation_attention, A.concatenation_attention_reference, [a, bb, v], 1e-10)
+
+
+def test_concatenation_float32_values():
+    a, b, v = torch.randn(2, 301), torch.randn(2, 97), torch.randn(2, 97, 9)
+    assert rel_err(A.concatenation_attention(a, b, v), A.concatenation_attention_reference(a, b, v)) < 1e-5
+
+
+def test_concatenation_ties_follow_relu_subgradient():
+    # b_j == -a_i exactly: ReLU(0) = 0 and PyTorch's ReLU'(0) = 0; the sorted path must agree.
+    a = torch.tensor([[0.5, -0.25, 1.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[-0.5, 0.25, -1.0, 0.75]], dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    _compare(A.concatenation_attention, A.concatenation_attention_reference, [a, b, v], 1e-12)
+
+
+@pytest.mark.parametrize("mode", A.MODES)
+def test_nonlocal_attention_dispatch(mode):
+    q, k, v = _inputs((2, 23, 13, 6, 6), torch.float64)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    kw = dict(mode=mode, scale=0.7, concat_weight=w if mode == "concatenation" else None)
+    _compare(
+        lambda q, k, v: A.nonlocal_attention(q, k, v, impl="auto", **kw),
+        lambda q, k, v: A.nonlocal_attention(q, k, v, impl="naive", **kw),
+        [q, k, v],
+        1e-10,
+    )
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda q, k, v: A.softmax_attention(q, k, v, scale=0.5, impl="chunked", chunk_size=3),
+        lambda q, k, v: A.softmax_attention(q, k, v, scale=0.5, impl="auto"),
+        A.dot_product_attention,
+        lambda q, k, v: A.concatenation_attention(q[..., 0], k[..., 0], v),
+    ],
+    ids=["softmax-chunked", "softmax-auto", "dot", "concat"],
+)
+def test_gradcheck(fn):
+    q, k, v = _inputs((2, 7, 5, 4, 4), torch.float64)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces, and the ops' names."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.ops = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func.overloadpacket))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("cv", [32, 16])
+def test_softmax_never_materialises_affinity(cv):
+    # N * M = 4M elements; the default path may only hold chunks of it, forward and backward.
+    b, n, m, c = 1, 4096, 1024, 32
+    q, k, v = _inputs((b, n, m, c, cv), torch.float32)
+    with _LargestTensor() as mode:
+        out = A.softmax_attention(q, k, v, scale=0.2)
+        out.backward(torch.randn_like(out))
+    assert mode.largest <= A.default_chunk_size(b, n, m) * m
+    assert mode.largest < n * m / 3
+    if cv == c:  # equal widths: PyTorch's fused CPU flash kernel serves the forward
+        assert any("flash_attention" in op for op in mode.ops), mode.ops
+
+
+def test_dot_and_concat_never_materialise():
+    b, n, m, c = 1, 3000, 2000, 8
+    q, k, v = _inputs((b, n, m, c, c), torch.float32)
+    with _LargestTensor() as mode:
+        A.dot_product_attention(q, k, v).sum().backward()
+        A.concatenation_attention(q[..., 0], k[..., 0], v).sum().backward()
+    assert mode.largest < n * m / 100
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", A.MODES)
+def test_autocast_large_logits_finite(dtype, mode):
+    # Logits around 1e4 overflow float16 (max 65504) if formed in half precision, and saturate exp.
+    q, k, v = _inputs((2, 50, 20, 16, 16), torch.float32, spread=30.0)
+    w = torch.randn(32, requires_grad=True) * 30
+    with torch.autocast("cpu", dtype=dtype):
+        out = A.nonlocal_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), mode=mode, scale=1.0, concat_weight=w.to(dtype)
+        )
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("mode", A.MODES)
+def test_attention_weights_are_rows_of_the_affinity(mode):
+    q, k, _ = _inputs((2, 31, 17, 6, 6), torch.float64, grad=False)
+    w = torch.randn(12, dtype=torch.float64)
+    queries = torch.tensor([0, 5, 30])
+    weights = A.attention_weights(q, k, queries, mode=mode, scale=0.4, concat_weight=w)
+    logits = q @ k.transpose(1, 2)
+    if mode in A.SOFTMAX_MODES:
+        full = torch.softmax(logits * 0.4, -1)
+    elif mode == "dot_product":
+        full = logits / 17
+    else:
+        full = torch.relu((q @ w[:6])[:, :, None] + (k @ w[6:])[:, None, :]) / 17
+    assert torch.allclose(weights, full[:, queries], rtol=1e-12, atol=1e-14)
+    per_batch = A.attention_weights(q, k, torch.tensor([[1, 2], [3, 4]]), mode=mode, scale=0.4, concat_weight=w)
+    assert torch.allclose(per_batch[1], full[1, [3, 4]], rtol=1e-12, atol=1e-14)
+
+
+def test_bad_arguments_name_the_argument():
+    q, k, v = _inputs((2, 5, 4, 3, 3), torch.float32, grad=False)
+    with pytest.raises(ValueError, match="impl"):
+        A.softmax_attention(q, k, v, impl="fast")
+    with pytest.raises(ValueError, match="mode"):
+        A.nonlocal_attention(q, k, v, mode="cosine")
+    with pytest.raises(ValueError, match="k: expected 3 channels"):
+        A.softmax_attention(q, k[..., :2], v)
+    with pytest.raises(ValueError, match="q, k, v: expected 3-D"):
+        A.dot_product_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="concat_weight"):
+        A.nonlocal_attention(q, k, v, mode="concatenation")
+    with pytest.raises(ValueError, match="queries"):
+        A.attention_weights(q, k, [7])
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning):  # "sdpa" forbids the math backend
+        A.softmax_attention(q, k, v[..., :2], impl="sdpa")
