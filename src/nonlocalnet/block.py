@@ -9,6 +9,7 @@ N(0, 0.01^2), and the BN scale after W_z starts at 0 so the block starts as the 
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Sequence
 
@@ -524,7 +525,7 @@ def add_nonlocal(model: nn.Module, after: Sequence[str], *, in_channels: int | N
     blocks = []
     for name in after:
         if name not in modules:
-            close = __import__("difflib").get_close_matches(name, list(modules), n=5)
+            close = difflib.get_close_matches(name, list(modules), n=5)
             raise ValueError(f"after: no submodule named {name!r} in {type(model).__name__}; close matches: {close}")
         target = modules[name]
         if hasattr(target, "nonlocal_block"):

@@ -1,0 +1,78 @@
+"""FLOP counting that includes the attention kernels PyTorch's own counter misses.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts convolutions and matmuls, and the CUDA
+flash / memory-efficient attention ops, but neither the CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which is what
+:func:`nonlocalnet.attention.fused_sdpa` runs on CPU, nor the in-place ``addmm_`` / ``baddbmm_``
+our backward kernels accumulate with. We register those with PyTorch's own formulas: for
+attention 2 * B * H * N * M * (Cq + Cv) forward and 2.5 times that backward (five matmuls:
+recomputed logits, dV, dP, dQ, dK).
+
+FLOPs are multiply-adds x 2 throughout, as in the paper's Table 2e and PyTorch's counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+__all__ = ["flop_counter", "count_flops"]
+
+
+def _cpu_flash_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _as_registered(op) -> Callable:
+    """PyTorch's formula for ``op``, marked as already taking raw arguments (not shapes)."""
+    registered = flop_registry[op]
+
+    def formula(*args, **kwargs):
+        return registered(*args, **kwargs)
+
+    formula._get_raw = True
+    return formula
+
+
+def _extra_formulas() -> dict:
+    aten = torch.ops.aten
+    # In-place accumulating matmuls (used by our backward kernels) cost what their out-of-place
+    # twins do; PyTorch registers only the latter.
+    formulas = {aten.addmm_: _as_registered(aten.addmm), aten.baddbmm_: _as_registered(aten.baddbmm)}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
+    return formulas
+
+
+def flop_counter(*, depth: int = 2, display: bool = False) -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU flash-attention kernels.
+
+    Use it as a context manager; ``get_total_flops()`` gives the total and ``get_flop_counts()``
+    the per-module breakdown (module names as in ``named_modules``, prefixed ``Global``).
+    """
+    return FlopCounterMode(depth=depth, display=display, custom_mapping=_extra_formulas())
+
+
+def count_flops(fn: Callable, *args, backward: bool = False, **kwargs) -> int:
+    """FLOPs executed by ``fn(*args, **kwargs)``, and by its backward when ``backward`` is True.
+
+    The backward seeds every floating output element with a random gradient (as a training step
+    does); the result of ``fn`` may be a tensor or a tuple/list of tensors.
+    """
+    with flop_counter() as counter:
+        result = fn(*args, **kwargs)
+        if backward:
+            outs = [result] if isinstance(result, torch.Tensor) else [t for t in result if torch.is_tensor(t)]
+            outs = [t for t in outs if t.requires_grad]
+            if not outs:
+                raise ValueError("backward: expected fn to return a tensor that requires grad, got none")
+            torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
+    return int(counter.get_total_flops())
