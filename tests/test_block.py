@@ -184,7 +184,7 @@ def test_submodules_keys_and_initialisation():
     assert {"norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"} <= keys
     for name in ("theta", "phi", "g"):
         w = getattr(block, name).weight
-        assert abs(float(w.std()) - 0.01) < 0.002 and torch.all(getattr(block, name).bias == 0)
+        assert abs(float(w.detach().std()) - 0.01) < 0.002 and torch.all(getattr(block, name).bias == 0)
     gauss = NonLocalBlock(64, mode="gaussian", dims=2)
     assert not hasattr(gauss, "theta") and not hasattr(gauss, "phi")
     assert gauss.g.weight.shape == (32, 64, 1, 1)
