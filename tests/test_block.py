@@ -104,11 +104,18 @@ def _configs():
         yield mode, dims, subsample, scale, affinity, norm
 
 
-@pytest.mark.parametrize("mode,dims,subsample,scale,affinity,norm", list(_configs()))
-@pytest.mark.parametrize("impl", ["auto", "naive"])
-def test_block_matches_independent_reference(mode, dims, subsample, scale, affinity, norm, impl):
+def _configs_and_impls():
+    for config in _configs():
+        folds = [False, True] if config[0] in ("gaussian", "embedded_gaussian") else [False]
+        for fold in folds:  # fold=True: projections folded into the attention (softmax modes only)
+            yield (*config, "auto", fold)
+        yield (*config, "naive", None)
+
+
+@pytest.mark.parametrize("mode,dims,subsample,scale,affinity,norm,impl,fold", list(_configs_and_impls()))
+def test_block_matches_independent_reference(mode, dims, subsample, scale, affinity, norm, impl, fold):
     block = _randomise(NonLocalBlock(6, 4, mode=mode, dims=dims, subsample=subsample, scale=scale,
-                                     norm=norm, affinity=affinity, impl=impl)).double().eval()
+                                     norm=norm, affinity=affinity, impl=impl, fold=fold)).double().eval()
     x = torch.randn(*SHAPES[dims], dtype=torch.float64, requires_grad=True)
     width = 6 if mode == "gaussian" else 4
     expected = reference_block(
@@ -123,11 +130,17 @@ def test_block_matches_independent_reference(mode, dims, subsample, scale, affin
     assert rel_err(g_act, g_exp) < 1e-10
 
 
-@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
-@pytest.mark.parametrize("affinity", ["spacetime", "space", "time"])
-def test_fast_equals_naive_parameter_gradients(mode, affinity):
+def _fast_variants():
+    for mode in ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]:
+        for affinity in ["spacetime", "space", "time"]:
+            for fold in ([False, True] if mode in ("gaussian", "embedded_gaussian") else [None]):
+                yield mode, affinity, fold
+
+
+@pytest.mark.parametrize("mode,affinity,fold", list(_fast_variants()))
+def test_fast_equals_naive_parameter_gradients(mode, affinity, fold):
     torch.manual_seed(1)
-    fast = _randomise(NonLocalBlock(8, mode=mode, affinity=affinity)).double().train()
+    fast = _randomise(NonLocalBlock(8, mode=mode, affinity=affinity, fold=fold)).double().train()
     naive = NonLocalBlock(8, mode=mode, affinity=affinity, impl="naive").double().train()
     naive.load_state_dict(fast.state_dict())
     x = torch.randn(2, 8, 4, 6, 10, dtype=torch.float64)
@@ -288,3 +301,14 @@ def test_window_max_matches_max_pool_with_ties(kernel):
     (g_exp,) = torch.autograd.grad(expected, x, grad)
     (g_act,) = torch.autograd.grad(actual, x, grad)
     assert torch.equal(g_act, g_exp)  # the first maximum of each window takes the gradient
+
+
+def test_fold_is_chosen_where_it_saves_work():
+    x5 = torch.randn(1, 2048, 4, 7, 7)  # res5: 1x1 convs over N positions dominate
+    x3 = torch.randn(1, 512, 4, 28, 28)  # res3: the attention dominates
+    assert NonLocalBlock(2048)._folds(x5) and not NonLocalBlock(512)._folds(x3)
+    assert not NonLocalBlock(2048, impl="naive")._folds(x5)
+    assert not NonLocalBlock(2048, mode="dot_product", fold=True)._folds(x5)
+    assert NonLocalBlock(512, fold=True)._folds(x3) and not NonLocalBlock(2048, fold=False)._folds(x5)
+    with pytest.raises(ValueError, match="fold: expected None, True or False, got 'yes'"):
+        NonLocalBlock(8, fold="yes")
