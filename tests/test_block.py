@@ -288,7 +288,7 @@ def test_bad_inputs_name_argument_expected_and_actual():
 
 @pytest.mark.parametrize("kernel", [(1, 2, 2), (2, 2), (2,), (2, 3, 2)])
 def test_window_max_matches_max_pool_with_ties(kernel):
-    from nonlocalnet.block import _WindowMax
+    from nonlocalnet._ops import _WindowMax
 
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
     # ReLU-like inputs rounded to a coarse grid: most windows hold tied maxima (often zeros).

@@ -83,17 +83,12 @@ def softmax_attention_reference(q, k, v, *, scale: float = 1.0) -> torch.Tensor:
     return torch.bmm(torch.softmax(affinity, dim=-1), v)  # (B, N, Cv)
 
 
-_FUSED_BACKENDS = None
-
-
 def _fused_backends():
-    global _FUSED_BACKENDS  # a constant list, built lazily to keep the import cheap
-    if _FUSED_BACKENDS is None:
-        from torch.nn.attention import SDPBackend
+    """The SDPA backends that never materialise the affinity (those this PyTorch has)."""
+    from torch.nn.attention import SDPBackend
 
-        names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
-        _FUSED_BACKENDS = [getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)]
-    return _FUSED_BACKENDS
+    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+    return [getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)]
 
 
 def fused_sdpa(q, k, v, *, scale: float) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""CUDA paths: the same block on the GPU against the float64 reference on the CPU.
+
+Skipped without a CUDA device (see conftest.py); run them on a GPU machine with ``pytest -m gpu``.
+"""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from nonlocalnet import NonLocalBlock
+from nonlocalnet.attention import softmax_attention
+from nonlocalnet.bench import randomize_
+
+pytestmark = pytest.mark.gpu
+MODES = ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("affinity", ["spacetime", "space", "time"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_block_matches_cpu_float64_reference(mode, affinity):
+    cpu = randomize_(NonLocalBlock(32, mode=mode, affinity=affinity, impl="naive")).double()
+    gpu = NonLocalBlock(32, mode=mode, affinity=affinity).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 32, 4, 9, 11, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    expected = cpu(x)
+    (dx_expected,) = torch.autograd.grad(expected, x, grad)
+    xg = x.detach().float().cuda().requires_grad_(True)
+    actual = gpu(xg)
+    (dx_actual,) = torch.autograd.grad(actual, xg, grad.float().cuda())
+    assert rel_err(actual.cpu(), expected) < 1e-5
+    assert rel_err(dx_actual.cpu(), dx_expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_autocast_stays_finite_and_close(mode, dtype):
+    block = randomize_(NonLocalBlock(64, mode=mode)).cuda()
+    x = (torch.randn(2, 64, 4, 14, 14, device="cuda") * 30).requires_grad_(True)  # large logits
+    reference = block(x)
+    with torch.autocast("cuda", dtype=dtype):
+        y = block(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert rel_err(y.float(), reference) < 5e-2
+
+
+def test_cuda_softmax_attention_never_holds_the_affinity():
+    n = 16384  # an (n, n) float32 affinity alone would be 1 GiB
+    q, k, v = (torch.randn(1, n, 64, device="cuda", requires_grad=True) for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    softmax_attention(q, k, v, scale=0.125).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
