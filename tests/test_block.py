@@ -106,8 +106,8 @@ def _configs():
 
 def _configs_and_impls():
     for config in _configs():
-        folds = [False, True] if config[0] in ("gaussian", "embedded_gaussian") else [False]
-        for fold in folds:  # fold=True: projections folded into the attention (softmax modes only)
+        folds = [False] if config[0] == "concatenation" else [False, True]
+        for fold in folds:  # fold=True: projections folded into the attention (no-op for concatenation)
             yield (*config, "auto", fold)
         yield (*config, "naive", None)
 
@@ -133,7 +133,7 @@ def test_block_matches_independent_reference(mode, dims, subsample, scale, affin
 def _fast_variants():
     for mode in ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]:
         for affinity in ["spacetime", "space", "time"]:
-            for fold in ([False, True] if mode in ("gaussian", "embedded_gaussian") else [None]):
+            for fold in ([None] if mode == "concatenation" else [False, True]):
                 yield mode, affinity, fold
 
 
@@ -308,7 +308,11 @@ def test_fold_is_chosen_where_it_saves_work():
     x3 = torch.randn(1, 512, 4, 28, 28)  # res3: the attention dominates
     assert NonLocalBlock(2048)._folds(x5) and not NonLocalBlock(512)._folds(x3)
     assert not NonLocalBlock(2048, impl="naive")._folds(x5)
-    assert not NonLocalBlock(2048, mode="dot_product", fold=True)._folds(x5)
+    assert not NonLocalBlock(2048, mode="concatenation", fold=True)._folds(x5)
+    assert not NonLocalBlock(512, mode="dot_product", affinity="space", fold=True)._folds(x3)
+    x2 = torch.randn(1, 256, 4, 56, 56)  # res2: the dot product's C x C map beats three convs
+    assert NonLocalBlock(256, mode="dot_product")._folds(x2)
+    assert not NonLocalBlock(1024, mode="dot_product")._folds(torch.randn(1, 1024, 4, 14, 14))
     assert NonLocalBlock(512, fold=True)._folds(x3) and not NonLocalBlock(2048, fold=False)._folds(x5)
     with pytest.raises(ValueError, match="fold: expected None, True or False, got 'yes'"):
         NonLocalBlock(8, fold="yes")

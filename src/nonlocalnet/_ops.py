@@ -160,6 +160,12 @@ def _plain_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         bn.eps,
     )
 
+
+def _groups_kind(affinity: str, dims: int) -> str:
+    """How an affinity splits the positions: ``space`` / ``time`` need a frame axis (dims=3)."""
+    return affinity if dims == 3 else "spacetime"
+
+
 class _Groups:
     """Splits (B, N, C) tokens into the independent groups of an affinity and back.
 
@@ -168,11 +174,7 @@ class _Groups:
     """
 
     def __init__(self, affinity, dims, shape, key_shape, kernel):
-        self.kind = "spacetime"
-        if affinity == "space" and dims == 3:
-            self.kind = "space"
-        elif affinity == "time" and dims == 3:
-            self.kind = "time"
+        self.kind = _groups_kind(affinity, dims)
         self.shape, self.key_shape = shape, key_shape
         self.kernel = tuple(kernel) if kernel is not None else (1,) * len(shape)
 

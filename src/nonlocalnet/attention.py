@@ -120,42 +120,57 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
-def _chunked_softmax_forward(q, k, v, scale: float, chunk: int) -> torch.Tensor:
+def _cpu_flash_forward(q, k, v, scale: float):
+    """PyTorch's fused CPU flash kernel on (B, N, C) tokens: the output and, for the backward,
+    the row log-sum-exp of the scaled logits, (B, N)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 0.0, False, attn_mask=None, scale=scale
+    )
+    return out.squeeze(1), lse.squeeze(1)
+
+
+def _chunked_softmax_forward(q, k, v, scale: float, chunk: int):
+    """Softmax attention a (B, chunk, M) block of logits at a time; returns the output and the
+    row log-sum-exp of the scaled logits, (B, N), which the backward reuses."""
     out = v.new_empty(q.shape[0], q.shape[1], v.shape[2])
     acc = _acc_dtype(q.dtype)
-    qs, ka, va = q.to(acc) * scale, k.to(acc), v.to(acc)  # the scale folded into q once
+    lse = q.new_empty(q.shape[0], q.shape[1], dtype=acc)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     kt = ka.transpose(1, 2)  # (B, C, M)
     for s, e in _chunks(q.shape[1], chunk):
-        p = torch.softmax(torch.bmm(qs[:, s:e], kt), dim=-1)  # (B, c, M)
+        logits = torch.bmm(qa[:, s:e], kt).mul_(scale)  # (B, c, M)
+        lse[:, s:e] = torch.logsumexp(logits, dim=-1)
+        p = logits.sub_(lse[:, s:e, None]).exp_()
         out[:, s:e] = torch.bmm(p, va)
-    return out
+    return out, lse
 
 
-def _chunked_softmax_backward(q, k, v, out, dout, scale: float, chunk: int, needs):
+def _chunked_softmax_backward(q, k, v, out, lse, dout, scale: float, chunk: int, needs):
     """Gradients of softmax attention, recomputing each (B, chunk, M) block of probabilities.
 
-    With P = softmax(S), S = scale q k^T and O = P v: dv = P^T dO, dP = dO v^T,
-    dS = P * (dP - rowsum(dO * O)), dq = scale dS k, dk = scale dS^T q.
+    With S = scale q k^T, P = exp(S - lse) (lse saved by the forward), O = P v:
+    dv = P^T dO, dP = dO v^T, dS = P * (dP - rowsum(dO * O)), dq = scale dS k, dk = scale dS^T q.
     """
     acc = _acc_dtype(q.dtype)
-    qs, ka, va, dout = q.to(acc) * scale, k.to(acc), v.to(acc), dout.to(acc)  # qs = scale q
-    delta = (dout * out.to(acc)).sum(-1, keepdim=True)  # (B, N, 1) = rowsum(dP * P)
-    dq = torch.empty_like(qs) if needs[0] else None
+    qa, ka, va, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    neg_lse = lse.to(acc).neg()[:, :, None]  # (B, N, 1)
+    neg_delta = (dout * out.to(acc)).sum(-1, keepdim=True).neg_()  # (B, N, 1) = -rowsum(dP * P)
+    dq = torch.empty_like(qa) if needs[0] else None
     dk = torch.zeros_like(ka) if needs[1] else None
     dv = torch.zeros_like(va) if needs[2] else None
     kt, vt = ka.transpose(1, 2), va.transpose(1, 2)
     for s, e in _chunks(q.shape[1], chunk):
         dout_c = dout[:, s:e]
-        p = torch.softmax(torch.bmm(qs[:, s:e], kt), dim=-1)  # (B, c, M)
+        p = torch.baddbmm(neg_lse[:, s:e], qa[:, s:e], kt, alpha=scale).exp_()  # (B, c, M)
         if dv is not None:
             dv.baddbmm_(p.transpose(1, 2), dout_c)
         if dq is None and dk is None:
             continue
-        ds = torch.bmm(dout_c, vt).sub_(delta[:, s:e]).mul_(p)  # (B, c, M)
+        ds = torch.baddbmm(neg_delta[:, s:e], dout_c, vt).mul_(p)  # (B, c, M): dS without the scale
         if dq is not None:
             dq[:, s:e] = torch.bmm(ds, ka)
         if dk is not None:
-            dk.baddbmm_(ds.transpose(1, 2), qs[:, s:e])  # already carries the scale
+            dk.baddbmm_(ds.transpose(1, 2), qa[:, s:e], alpha=scale)
     grads = []
     for g, t, scaled in ((dq, q, True), (dk, k, False), (dv, v, False)):
         if g is not None:
@@ -171,19 +186,19 @@ class _SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, chunk: int, flash_forward: bool):
         if flash_forward:
-            out = fused_sdpa(q, k, v, scale=scale)
+            out, lse = _cpu_flash_forward(q, k, v, scale)
         else:
-            out = _chunked_softmax_forward(q, k, v, scale, chunk)
-        ctx.save_for_backward(q, k, v, out)
+            out, lse = _chunked_softmax_forward(q, k, v, scale, chunk)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.chunk = scale, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _chunked_softmax_backward(
-            q, k, v, out, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:3]
+            q, k, v, out, lse, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:3]
         )
         return dq, dk, dv, None, None, None
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._ops import _FromTokens, _Groups, _WindowMax, _plain_batch_norm, _tokens
+from ._ops import _FromTokens, _Groups, _WindowMax, _groups_kind, _plain_batch_norm, _tokens
 from .attention import IMPLS, MODES, SOFTMAX_MODES, nonlocal_attention
 
 AFFINITIES = ("spacetime", "space", "time")
@@ -56,10 +56,12 @@ class NonLocalBlock(nn.Module):
             ``time`` a time axis (dims=1 or 3).
         impl: attention implementation, see :func:`nonlocalnet.attention.nonlocal_attention`;
             ``"naive"`` materialises the affinity (the reference), ``"auto"`` never does.
-        fold: for the softmax modes outside ``impl="naive"``, compute W_z y with the projections
-            folded into the attention (exact rewrites, see :meth:`transform`): ``None`` (default)
-            does so when it saves much work, as at res5 where the 1x1 convs over all N positions
-            dominate; ``True`` / ``False`` force it. Ignored by the other modes.
+        fold: outside ``impl="naive"``, compute W_z y with the projections folded into the
+            attention (exact rewrites, see :meth:`transform`): for the softmax modes W_theta into
+            the keys and W_z into the values; for the dot product (spacetime affinity) one C x C
+            map per clip. ``None`` (default) folds where the counted work drops enough (softmax:
+            res5; dot product: res2/res3 sizes); ``True`` / ``False`` force it. Ignored by the
+            concatenation and by a space/time dot product.
 
     Submodules (state-dict keys): ``theta``, ``phi`` (not for ``gaussian``), ``g``, ``out``
     (1x1 convs with bias), ``norm`` (when norm=True) and, for ``concatenation``, ``concat`` holding
@@ -132,8 +134,8 @@ class NonLocalBlock(nn.Module):
         if type(self.norm) in _BN.values():
             y = _plain_batch_norm(self.norm, y.flatten(2)).view(x.shape)
         elif self.norm is not None:
-            y = self.norm(y)
-        return x + y
+            return x + self.norm(y)  # another norm's output might alias its input
+        return y.add_(x)  # y is a fresh tensor no backward needs: add in place, no new (B, C, N)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """W_z y, the block's residual branch before the norm: same shape as x.
@@ -143,7 +145,10 @@ class NonLocalBlock(nn.Module):
         theta_i . phi_j = [x_i, 1] . [W_theta^T phi_j, b_theta . phi_j] (queries are x itself), and
         W_z sum_j a_ij g_j + b_z = sum_j a_ij (W_z g_j + b_z), as the weights a_ij sum to 1.
         """
+        self._check_input(x)
         if self._folds(x):
+            if self.mode == "dot_product":
+                return self._folded_dot_product(x)
             return self._folded_transform(x)
         q, k, v, groups = self._qkv(x)
         concat_weight = self.concat.weight if self.mode == "concatenation" else None
@@ -155,14 +160,20 @@ class NonLocalBlock(nn.Module):
         return out.view(x.shape)
 
     def _folds(self, x: torch.Tensor) -> bool:
-        if self.mode not in SOFTMAX_MODES or self.impl == "naive" or self.fold is False:
+        if self.impl == "naive" or self.fold is False or self.mode == "concatenation":
             return False
+        if self.mode == "dot_product" and _groups_kind(self.affinity, self.dims) != "spacetime":
+            return False  # one C x C map per frame / location would cost more than it saves
         if self.fold:
             return True
         # Multiply-adds per clip of the parts that differ, from the query/key counts.
         c, inner = self.in_channels, self.inner_channels
         n, m = math.prod(x.shape[2:]), math.prod(self.key_shape(x.shape))
         pairs = n * self._keys_per_query(x.shape)
+        if self.mode == "dot_product":
+            # theta conv, theta A and W_z over N queries against forming W_z A^T W_theta once and
+            # applying it; the folded form also skips two (B, N, C') intermediates.
+            return c * inner * (inner + c) + n * c * c < 0.9 * n * inner * (2 * c + inner)
         if self.mode == "gaussian":  # queries and keys are x itself either way
             plain = pairs * (c + inner) + n * inner * c
             folded = m * (inner + 1) * c + 2 * pairs * c
@@ -172,6 +183,20 @@ class NonLocalBlock(nn.Module):
         # The folded form moves work into the attention and adds layout copies of (B, N, C): on a
         # 2-core CPU it broke even at res4 (ratio 0.73) and was 1.7x faster at res5 (ratio 0.25).
         return folded < 0.6 * plain
+
+    def _folded_dot_product(self, x: torch.Tensor) -> torch.Tensor:
+        """W_z y + b_z of the dot product (spacetime affinity) as one C x C map per clip.
+
+        y_i = A^T theta_i with A = phi^T g / M, so W_z y_i + b_z = (W_z A^T W_theta) x_i
+        + (W_z A^T b_theta + b_z): the theta conv and W_z over all N positions become one GEMM.
+        """
+        key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
+        phi, g = _tokens(self.phi, key_flat), _tokens(self.g, key_flat)  # (B, M, C')
+        a = torch.bmm(phi.transpose(1, 2), g) / phi.shape[1]  # (B, C', C')
+        z_a = torch.matmul(self.out.weight.flatten(1), a.transpose(1, 2))  # (B, C, C') = W_z A^T
+        weight = torch.matmul(z_a, self.theta.weight.flatten(1))  # (B, C, C)
+        bias = torch.matmul(z_a, self.theta.bias) + self.out.bias  # (B, C)
+        return torch.baddbmm(bias[:, :, None], weight, x.flatten(2)).view(x.shape)  # (B, C, N)
 
     def _keys_per_query(self, shape: Sequence[int]) -> int:
         keys = self.key_shape(shape)
@@ -183,7 +208,6 @@ class NonLocalBlock(nn.Module):
 
     def _folded_transform(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`transform` with W_theta folded into the keys and W_z, b_z into the values."""
-        self._check_input(x)
         source = self._keys_source(x)
         key_flat = source.flatten(2)  # (B, C, M)
         x_tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), a view
