@@ -126,6 +126,7 @@ class NonLocalBlock(nn.Module):
         return (
             f"{self.in_channels}, {self.inner_channels}, mode={self.mode!r}, dims={self.dims}, "
             f"subsample={self.subsample}, scale={self.scale:.4g}, affinity={self.affinity!r}, impl={self.impl!r}"
+            + ("" if self.fold is None else f", fold={self.fold}")
         )
 
     # ----------------------------------------------------------------------------------------
@@ -144,6 +145,8 @@ class NonLocalBlock(nn.Module):
         positions by work on the M key positions (``fold``):
         theta_i . phi_j = [x_i, 1] . [W_theta^T phi_j, b_theta . phi_j] (queries are x itself), and
         W_z sum_j a_ij g_j + b_z = sum_j a_ij (W_z g_j + b_z), as the weights a_ij sum to 1.
+        For the dot product the whole branch is linear in x_i for a given clip, see
+        :meth:`_folded_dot_product`.
         """
         self._check_input(x)
         if self._folds(x):
