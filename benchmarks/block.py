@@ -15,6 +15,8 @@ Implementations: ``ours`` (NonLocalBlock, impl="auto"), ``naive`` (impl="naive",
 materialises the affinity), pytorchvideo ``create_nonlocal`` (softmax and dot product),
 mmcv ``NonLocal3d`` (all four modes, BN3d), and timm ``NonLocalAttn`` (2-D, embedded Gaussian,
 no subsampling), which is compared with ours on the same frames as a (B*T, C, H, W) batch.
+``ours_fold`` / ``ours_nofold`` force the exact projection folding of ``NonLocalBlock(fold=...)``
+on or off, to compare it with the default choice (``--impls ours ours_fold ours_nofold``).
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ from nonlocalnet import bench
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 IMPLS = ("ours", "naive", "pytorchvideo", "mmcv", "timm")
-REPEATS = {"res4": 5, "res3": 3, "res2": 1}
+# Our block with the projection folding forced on or off (default: chosen by counted work).
+VARIANTS = {"ours": None, "ours_fold": True, "ours_nofold": False}
+REPEATS = {"res4": 5, "res3": 3, "res2": 1}  # --sizes default; also res5 (5 repeats) and small
 
 
 def build(impl: str, mode: str, channels: int, dims: int) -> nn.Module | None:
     """The implementation's block with the paper's settings (C' = C/2, keys pooled (1,2,2) in 3-D,
     1/sqrt(C') logit scale, BatchNorm after W_z), or None when it lacks this mode or dims."""
-    if impl in ("ours", "naive"):
-        return NonLocalBlock(channels, mode=mode, dims=dims, subsample=dims == 3, impl="auto" if impl == "ours" else "naive")
+    if impl == "naive":
+        return NonLocalBlock(channels, mode=mode, dims=dims, subsample=dims == 3, impl="naive")
+    if impl in VARIANTS:
+        return NonLocalBlock(channels, mode=mode, dims=dims, subsample=dims == 3, fold=VARIANTS[impl])
     if impl == "pytorchvideo" and dims == 3 and mode in ("embedded_gaussian", "dot_product"):
         from pytorchvideo.layers.nonlocal_net import create_nonlocal
 
@@ -107,7 +113,7 @@ def _cases(args: argparse.Namespace):
 
 
 def build_is_possible(impl: str, mode: str, dims: int) -> bool:
-    if impl in ("ours", "naive"):
+    if impl == "naive" or impl in VARIANTS:
         return True
     return {
         "pytorchvideo": dims == 3 and mode in ("embedded_gaussian", "dot_product"),
@@ -159,7 +165,7 @@ def _speedups(results: list[dict]) -> str:
     for (size, dims, mode, impl), ours in keyed.items():
         if impl != "ours":
             continue
-        peers = [r for (s, d, m, i), r in keyed.items() if (s, d, m) == (size, dims, mode) and i not in ("ours", "naive")]
+        peers = [r for (s, d, m, i), r in keyed.items() if (s, d, m) == (size, dims, mode) and i not in VARIANTS and i != "naive"]
         naive = keyed.get((size, dims, mode, "naive"))
         for label, others in (("peer", peers), ("naive", [naive] if naive else [])):
             if not others:
@@ -184,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(REPEATS), choices=list(bench.SHAPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + tuple(VARIANTS)[1:])
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every case")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -206,7 +212,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         for case in cases:
             size = case[0]
-            result = _child(args, *case, REPEATS.get(size, 3))
+            result = _child(args, *case, REPEATS.get(size, 5))
             rounds[case].append(result)
             if result and "error" not in result:
                 print(f"round {round_index + 1}: {case} fwd {result['forward_s']:.4f} s, "

@@ -20,12 +20,13 @@ import torch
 from .block import NonLocalBlock
 from .flops import count_flops
 
-# Paper res4 and res3 inputs of an 8-frame ResNet-50 (Table 1, 8 x 224^2 clips, batch 2) and a
-# res2-size input (16 frames at 56^2), the sizes where implementations part ways.
+# Paper res4, res3 and res5 inputs of an 8-frame ResNet-50 (Table 1, 8 x 224^2 clips, batch 2)
+# and a res2-size input (16 frames at 56^2), the sizes where implementations part ways.
 SHAPES = {
     "res4": (2, 1024, 8, 14, 14),
     "res3": (2, 512, 8, 28, 28),
     "res2": (1, 256, 16, 56, 56),
+    "res5": (2, 2048, 8, 7, 7),
     "small": (2, 256, 4, 14, 14),
 }
 
