@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._ops import _FromTokens, _Groups, _WindowMax, _groups_kind, _plain_batch_norm, _tokens
-from .attention import IMPLS, MODES, SOFTMAX_MODES, nonlocal_attention
+from .attention import IMPLS, MODES, nonlocal_attention
 
 AFFINITIES = ("spacetime", "space", "time")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
