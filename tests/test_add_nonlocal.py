@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from torchvision.models import resnet18
@@ -24,6 +25,8 @@ def _eval_output(model, x):
         (lambda: resnet18(num_classes=7), ["layer3.1"], (2, 3, 64, 64), [(256, 2)]),
         (lambda: resnet18(num_classes=7), ["layer2.0", "layer3"], (2, 3, 64, 64), [(128, 2), (256, 2)]),
         (lambda: r3d_18(num_classes=5), ["layer2.0"], (1, 3, 4, 32, 32), [(128, 3)]),
+        (lambda: timm.create_model("resnet50", num_classes=5), ["layer3.4"], (1, 3, 64, 64), [(1024, 2)]),
+        (lambda: timm.create_model("seresnet18", num_classes=5), ["layer2.1"], (1, 3, 64, 64), [(128, 2)]),
     ],
 )
 def test_inferred_and_identity_at_init(build, after, shape, expected):
