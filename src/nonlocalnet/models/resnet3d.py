@@ -1,0 +1,196 @@
+"""ResNet-50/101 for video: C2D and I3D backbones with non-local blocks (paper §4, Table 1).
+
+The layout follows the official Caffe2 builders (shared/PAPER.md §1), and the module names follow
+its blob names so that checkpoints map one to one: ``conv1``/``res_conv1_bn`` (stem),
+``res2``..``res5`` (stages of :class:`Bottleneck3d` with ``branch2a``/``branch2b``/``branch2c``,
+their ``*_bn``, and the projection ``branch1``/``branch1_bn``), a non-local block after a residual
+block as that block's ``nonlocal_block`` (``res4.5.nonlocal_block.theta.weight`` is the official
+``nonlocal_conv4_5_theta_w``), and the classifier ``pred``.
+
+Stems (``stem``):
+- ``"32x2"`` (official ``resnet_video_org``, the paper's models): conv1 temporal stride 2, pool1
+  [2,3,3] stride [2,2,2], pool2 [2,1,1] stride [2,1,1]; 32 frames give T = 8 at res2, 4 from res3.
+- ``"8x8"`` (official ``resnet_video``): conv1 temporal stride 1, pool1 [1,3,3] stride [1,2,2],
+  pool2 [2,1,1] stride [2,1,1]; 8 frames give the same map sizes from res2 on.
+pool1 has no spatial padding, so a 224 input gives 55 x 55 at res2 as in the official code (the
+paper's table says 56); res3..res5 are 28, 14, 7 either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..block import NonLocalBlock
+
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+STAGES = ("res2", "res3", "res4", "res5")
+INFLATIONS = ("c2d", "3x1x1", "3x3x3")
+STEMS = {
+    # conv1 stride, pool1 kernel, pool1 stride, pool2 kernel = stride
+    "32x2": ((2, 2, 2), (2, 3, 3), (2, 2, 2), (2, 1, 1)),
+    "8x8": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (2, 1, 1)),
+}
+
+
+def inflated_blocks(depth: int) -> dict[str, tuple[int, ...]]:
+    """Which residual blocks carry a temporal kernel of 3 in I3D (official ``obtain_arc``): every
+    other block, res2 entirely, res5 only its middle block."""
+    res4 = DEPTHS[depth][2]
+    return {
+        "res2": (0, 1, 2),
+        "res3": (0, 2),
+        "res4": tuple(range(0, res4, 2)),
+        "res5": (1,),
+    }
+
+
+class Bottleneck3d(nn.Module):
+    """Residual bottleneck 1x1x1 -> 1x3x3 (spatial stride here) -> 1x1x1, each conv with BN.
+
+    ``temporal_a`` / ``temporal_b``: temporal kernel (1 or 3, padded to keep T) of branch2a (the
+    paper's I3D 3x1x1) or branch2b (I3D 3x3x3). A projection shortcut ``branch1`` is used when the
+    channels or the stride change. ``nonlocal_block``, when set, is applied after the final ReLU.
+    """
+
+    def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int, temporal_a: int = 1,
+                 temporal_b: int = 1):
+        super().__init__()
+        self.branch2a = nn.Conv3d(in_channels, inner, (temporal_a, 1, 1), padding=(temporal_a // 2, 0, 0), bias=False)
+        self.branch2a_bn = nn.BatchNorm3d(inner)
+        self.branch2b = nn.Conv3d(inner, inner, (temporal_b, 3, 3), stride=(1, stride, stride),
+                                  padding=(temporal_b // 2, 1, 1), bias=False)
+        self.branch2b_bn = nn.BatchNorm3d(inner)
+        self.branch2c = nn.Conv3d(inner, out_channels, 1, bias=False)
+        self.branch2c_bn = nn.BatchNorm3d(out_channels)
+        self.branch1 = self.branch1_bn = None
+        if stride != 1 or in_channels != out_channels:
+            self.branch1 = nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False)
+            self.branch1_bn = nn.BatchNorm3d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.nonlocal_block: NonLocalBlock | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.branch1 is None else self.branch1_bn(self.branch1(x))
+        y = self.relu(self.branch2a_bn(self.branch2a(x)))
+        y = self.relu(self.branch2b_bn(self.branch2b(y)))
+        y = self.relu(self.branch2c_bn(self.branch2c(y)) + shortcut)
+        return y if self.nonlocal_block is None else self.nonlocal_block(y)
+
+
+class ResNet3d(nn.Module):
+    """C2D / I3D ResNet for clips (B, 3, T, H, W) -> logits (B, num_classes).
+
+    Args:
+        depth: 50 or 101.
+        inflation: ``"c2d"`` (every conv 1 x k x k), ``"3x1x1"`` (the official I3D: conv1 5x7x7 and
+            branch2a 3x1x1 in every other block) or ``"3x3x3"`` (the same blocks inflate branch2b).
+        stem: ``"32x2"`` or ``"8x8"`` (module docstring).
+        nonlocal_blocks: residual blocks followed by a non-local block, e.g.
+            ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (the paper's 5 blocks in R50).
+        nonlocal_options: further :class:`NonLocalBlock` arguments for every block (``mode``,
+            ``affinity``, ``norm``, ...); channels and dims are set here.
+        num_classes: outputs of ``pred``.
+        dropout: before ``pred`` (0.5 in every paper recipe).
+        zero_init_residual: start each ``branch2c_bn`` scale at 0, as the official recipes do.
+
+    The head averages over all remaining positions, so any T, H, W the strides allow works (the
+    official test converts ``pred`` into a 1x1x1 conv and averages its outputs: the same numbers).
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        inflation: str = "c2d",
+        stem: str = "32x2",
+        nonlocal_blocks: Mapping[str, Sequence[int]] | None = None,
+        nonlocal_options: Mapping[str, object] | None = None,
+        num_classes: int = 400,
+        dropout: float = 0.5,
+        zero_init_residual: bool = True,
+    ):
+        super().__init__()
+        _check_args(depth, inflation, stem, nonlocal_blocks, num_classes)
+        self.depth, self.inflation, self.stem = depth, inflation, stem
+        conv1_stride, pool1_kernel, pool1_stride, pool2 = STEMS[stem]
+        t1 = 1 if inflation == "c2d" else 5
+        self.conv1 = nn.Conv3d(3, 64, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
+        self.res_conv1_bn = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride)
+        self.pool2 = nn.MaxPool3d(pool2, pool2)
+        inflated = inflated_blocks(depth) if inflation != "c2d" else {}
+        in_channels = 64
+        for index, (name, blocks) in enumerate(zip(STAGES, DEPTHS[depth])):
+            inner = 64 * 2**index
+            stage = []
+            for i in range(blocks):
+                t = 3 if i in inflated.get(name, ()) else 1
+                stage.append(Bottleneck3d(
+                    in_channels, inner, inner * 4, stride=2 if i == 0 and index > 0 else 1,
+                    temporal_a=t if inflation == "3x1x1" else 1, temporal_b=t if inflation == "3x3x3" else 1,
+                ))
+                in_channels = inner * 4
+            self.add_module(name, nn.Sequential(*stage))
+        self.dropout = nn.Dropout(dropout)
+        self.pred = nn.Linear(in_channels, num_classes)
+        self.reset_parameters(zero_init_residual)
+        self.nonlocal_positions = {k: tuple(v) for k, v in (nonlocal_blocks or {}).items()}
+        for name, indices in self.nonlocal_positions.items():
+            stage = getattr(self, name)
+            for i in indices:
+                channels = stage[i].branch2c.out_channels
+                stage[i].nonlocal_block = NonLocalBlock(channels, dims=3, **dict(nonlocal_options or {}))
+
+    def reset_parameters(self, zero_init_residual: bool = True) -> None:
+        """Official initialisation: MSRA (fan-out) convs, unit BN, pred N(0, 0.01^2), zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm3d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck3d):
+                    nn.init.zeros_(module.branch2c_bn.weight)
+        nn.init.normal_(self.pred.weight, std=0.01)
+        nn.init.zeros_(self.pred.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) -> res5 features (B, 2048, T', H', W')."""
+        _check_input(x)
+        x = self.pool1(self.relu(self.res_conv1_bn(self.conv1(x))))
+        x = self.pool2(self.res2(x))
+        return self.res5(self.res4(self.res3(x)))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.pred(self.dropout(features.mean((2, 3, 4))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _check_args(depth, inflation, stem, nonlocal_blocks, num_classes) -> None:
+    if depth not in DEPTHS:
+        raise ValueError(f"depth: expected one of {tuple(DEPTHS)}, got {depth!r}")
+    if inflation not in INFLATIONS:
+        raise ValueError(f"inflation: expected one of {INFLATIONS}, got {inflation!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem: expected one of {tuple(STEMS)}, got {stem!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+    for name, indices in (nonlocal_blocks or {}).items():
+        if name not in STAGES:
+            raise ValueError(f"nonlocal_blocks: expected stage names from {STAGES}, got {name!r}")
+        count = DEPTHS[depth][STAGES.index(name)]
+        bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < count]
+        if bad:
+            raise ValueError(f"nonlocal_blocks[{name!r}]: expected block indices in 0..{count - 1} for R{depth}, got {bad}")
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() != 5 or x.shape[1] != 3:
+        raise ValueError(f"x: expected a clip batch (B, 3, T, H, W), got shape {tuple(x.shape)}")

@@ -1,0 +1,125 @@
+"""ResNet3d against the official architecture: parameter counts, map sizes, NL placement."""
+
+import pytest
+import torch
+
+from nonlocalnet import NonLocalBlock
+from nonlocalnet.bench import randomize_
+from nonlocalnet.models import ResNet3d
+
+R50_NL5 = {"res3": (1, 3), "res4": (1, 3, 5)}
+R101_NL5 = {"res3": (1, 3), "res4": (6, 13, 20)}
+
+
+def _weights_in_millions(model):
+    """The official counter's convention: conv and FC weights only, no BN, no biases."""
+    return round(sum(p.numel() for p in model.parameters() if p.dim() > 1) / 1e6, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, millions",  # shared/PAPER.md §2.1 (R101 C2D: the paper's 43.2M)
+    [
+        (dict(depth=50), 24.27),
+        (dict(depth=50, inflation="3x1x1"), 27.99),
+        (dict(depth=50, nonlocal_blocks={"res4": (4,)}), 26.37),
+        (dict(depth=50, nonlocal_blocks=R50_NL5), 31.61),
+        (dict(depth=50, nonlocal_blocks={"res3": range(4), "res4": range(6)}), 38.95),
+        (dict(depth=50, inflation="3x1x1", nonlocal_blocks=R50_NL5), 35.33),
+        (dict(depth=101), 43.21),
+        (dict(depth=101, nonlocal_blocks=R101_NL5), 50.55),
+        (dict(depth=101, inflation="3x1x1"), 51.65),
+        (dict(depth=101, inflation="3x3x3"), 62.94),
+        (dict(depth=101, inflation="3x1x1", nonlocal_blocks=R101_NL5), 58.99),
+    ],
+)
+def test_parameter_counts_match_the_official_models(kwargs, millions):
+    with torch.device("meta"):
+        model = ResNet3d(**kwargs)
+    assert _weights_in_millions(model) == millions
+
+
+@pytest.mark.parametrize("stem, frames", [("32x2", 32), ("8x8", 8)])
+def test_feature_map_sizes_follow_the_official_code(stem, frames):
+    with torch.device("meta"):
+        model = ResNet3d(depth=50, inflation="3x1x1", stem=stem)
+    sizes = {}
+    for name in ("res2", "pool2", "res3", "res4", "res5"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sizes.update({name: tuple(o.shape[1:])}))
+    out = model(torch.empty(2, 3, frames, 224, 224, device="meta"))
+    assert tuple(out.shape) == (2, 400)
+    assert sizes == {
+        "res2": (256, 8, 55, 55), "pool2": (256, 4, 55, 55), "res3": (512, 4, 28, 28),
+        "res4": (1024, 4, 14, 14), "res5": (2048, 4, 7, 7),
+    }
+
+
+@pytest.mark.parametrize("depth, inflated", [(50, 9), (101, 18)])
+def test_i3d_inflates_every_other_block(depth, inflated):
+    with torch.device("meta"):
+        a = ResNet3d(depth=depth, inflation="3x1x1")
+        b = ResNet3d(depth=depth, inflation="3x3x3")
+    assert a.conv1.kernel_size == b.conv1.kernel_size == (5, 7, 7)
+    blocks_a = [blk for name in ("res2", "res3", "res4", "res5") for blk in getattr(a, name)]
+    blocks_b = [blk for name in ("res2", "res3", "res4", "res5") for blk in getattr(b, name)]
+    assert sum(blk.branch2a.kernel_size == (3, 1, 1) for blk in blocks_a) == inflated
+    assert sum(blk.branch2b.kernel_size == (3, 3, 3) for blk in blocks_b) == inflated
+    assert all(blk.branch2b.kernel_size == (1, 3, 3) for blk in blocks_a)
+    assert [blk.branch2a.kernel_size[0] for blk in a.res5] == [1, 3, 1]
+
+
+def test_nonlocal_blocks_sit_after_the_named_residual_blocks():
+    model = ResNet3d(depth=50, nonlocal_blocks=R50_NL5, nonlocal_options={"mode": "dot_product"})
+    keys = {k.split(".nonlocal_block.")[0] for k in model.state_dict() if ".nonlocal_block." in k}
+    assert keys == {"res3.1", "res3.3", "res4.1", "res4.3", "res4.5"}
+    block = model.res4[5].nonlocal_block
+    assert isinstance(block, NonLocalBlock) and block.in_channels == 1024 and block.mode == "dot_product"
+    assert model.res3[1].nonlocal_block.in_channels == 512
+
+
+def test_nonlocal_model_equals_its_baseline_at_initialisation():
+    torch.manual_seed(0)
+    baseline = ResNet3d(depth=50, stem="8x8", num_classes=7, zero_init_residual=False).eval()
+    nl = ResNet3d(depth=50, stem="8x8", num_classes=7, zero_init_residual=False, nonlocal_blocks=R50_NL5).eval()
+    missing = nl.load_state_dict(baseline.state_dict(), strict=False).missing_keys
+    assert missing and all(".nonlocal_block." in k for k in missing)
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(nl(x), baseline(x), rtol=0, atol=1e-6)
+        for name in R50_NL5:
+            for i in R50_NL5[name]:
+                randomize_(getattr(nl, name)[i].nonlocal_block)
+        assert not torch.allclose(nl(x), baseline(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 64, 64), (1, 3, 16, 96, 80), (1, 3, 4, 33, 47)])
+def test_fully_convolutional_and_trainable(shape):
+    torch.manual_seed(0)
+    model = ResNet3d(depth=50, inflation="3x1x1", stem="8x8", num_classes=5, zero_init_residual=False,
+                     nonlocal_blocks={"res4": (4,)}, nonlocal_options={"subsample": shape[-1] >= 64})
+    randomize_(model.res4[4].nonlocal_block)
+    out = model(torch.randn(shape))
+    assert out.shape == (shape[0], 5) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.res4[4].nonlocal_block.theta.weight.grad.abs().sum() > 0
+
+
+def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match="depth: expected one of"):
+        ResNet3d(depth=34)
+    with pytest.raises(ValueError, match="inflation: expected one of"):
+        ResNet3d(inflation="2x1x1")
+    with pytest.raises(ValueError, match="stem: expected one of"):
+        ResNet3d(stem="16x4")
+    with pytest.raises(ValueError, match="nonlocal_blocks: expected stage names"):
+        ResNet3d(nonlocal_blocks={"res6": (0,)})
+    with pytest.raises(ValueError, match=r"nonlocal_blocks\['res4'\]: expected block indices in 0..5 for R50, got \[6\]"):
+        ResNet3d(nonlocal_blocks={"res4": (6,)})
+    with pytest.raises(TypeError):
+        ResNet3d(nonlocal_blocks={"res4": (1,)}, nonlocal_options={"modee": "dot_product"})
+    model = ResNet3d(stem="8x8", num_classes=3)
+    with pytest.raises(ValueError, match=r"x: expected a clip batch \(B, 3, T, H, W\), got shape \(2, 3, 64, 64\)"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="got shape"):
+        model(torch.randn(1, 1, 8, 64, 64))
