@@ -123,3 +123,50 @@ def test_bad_arguments_and_inputs():
         model(torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match="got shape"):
         model(torch.randn(1, 1, 8, 64, 64))
+
+
+def _report(input_shape=(1, 3, 32, 224, 224), **kwargs):
+    from nonlocalnet.flops import model_report
+
+    with torch.device("meta"):
+        model = ResNet3d(**kwargs)
+    return model_report(model, input_shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs, gmacs",  # shared/PAPER.md §2.1, multiply-adds at 32 x 224^2 in the official convention
+    [
+        (dict(depth=50), 20.23),
+        (dict(depth=50, nonlocal_blocks={"res4": (4,)}), 21.42),
+        (dict(depth=50, nonlocal_blocks=R50_NL5), 28.36),
+        (dict(depth=50, inflation="3x1x1", nonlocal_blocks=R50_NL5), 40.96),
+        (dict(depth=101), 35.08),
+        (dict(depth=101, inflation="3x3x3"), 61.86),
+        (dict(depth=101, inflation="3x1x1", nonlocal_blocks=R101_NL5), 59.51),
+    ],
+)
+def test_flops_match_the_official_counting(kwargs, gmacs):
+    rows = _report(**kwargs)
+    total = rows[-1]
+    assert total.name == "total" and round(total.flops / 2e9, 2) == gmacs
+    assert sum(r.flops for r in rows[:-1]) == total.flops  # every FLOP belongs to a stage
+    assert total.weights == sum(r.weights for r in rows[:-1]) < total.params
+
+
+def test_flops_ratios_match_table_2e():
+    c2d, nl_c2d, i3d = (_report(depth=101, **kw)[-1] for kw in ({}, {"nonlocal_blocks": R101_NL5}, {"inflation": "3x1x1"}))
+    # Paper, R101 vs C2D: NL C2D 1.2x params and 1.2x FLOPs; I3D 1.2x params and 1.5x FLOPs.
+    assert round(nl_c2d.weights / c2d.weights, 1) == 1.2 and round(nl_c2d.flops / c2d.flops, 1) == 1.2
+    assert round(i3d.weights / c2d.weights, 1) == 1.2 and round(i3d.flops / c2d.flops, 1) == 1.5
+    assert round(c2d.weights / 1e6, 1) == 43.2
+
+
+def test_flops_ignore_how_the_blocks_run():
+    from nonlocalnet.flops import model_report
+
+    model = ResNet3d(depth=50, stem="8x8", nonlocal_blocks={"res4": (1, 3)}, nonlocal_options={"fold": True})
+    folded = model_report(model, (1, 3, 8, 224, 224))[-1].flops
+    for i in (1, 3):
+        model.res4[i].nonlocal_block.fold = False
+    assert model_report(model, (1, 3, 8, 224, 224))[-1].flops == folded
+    assert model.res4[1].nonlocal_block.impl == "auto"  # the report changed only its own copy

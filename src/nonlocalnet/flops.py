@@ -13,12 +13,14 @@ FLOPs are multiply-adds x 2 throughout, as in the paper's Table 2e and PyTorch's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["flop_counter", "count_flops"]
+__all__ = ["flop_counter", "count_flops", "model_report", "StageCost"]
 
 
 def _cpu_flash_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -76,3 +78,44 @@ def count_flops(fn: Callable, *args, backward: bool = False, **kwargs) -> int:
                 raise ValueError("backward: expected fn to return a tensor that requires grad, got none")
             torch.autograd.backward(outs, [torch.randn_like(t) for t in outs])
     return int(counter.get_total_flops())
+
+
+@dataclass
+class StageCost:
+    """One top-level part of a model: its parameters and the FLOPs of one forward."""
+
+    name: str
+    params: int  # every parameter
+    weights: int  # conv and linear weights only, the official counter's convention
+    flops: int
+
+
+def model_report(model: torch.nn.Module, input_shape: Sequence[int]) -> list[StageCost]:
+    """Parameters and forward FLOPs of each top-level child of ``model`` for one input of the shape.
+
+    FLOPs are those of the model's definition, whatever kernels run it: the count is taken on a
+    meta-device copy (no memory, no compute) whose non-local blocks use the naive form, the
+    paper's definition, so neither the folded projections nor the recomputation of a fast path
+    change the numbers. The last entry, ``total``, sums them.
+    """
+    from .block import NonLocalBlock
+
+    shadow = copy.deepcopy(model).to("meta").eval()
+    for module in shadow.modules():
+        if isinstance(module, NonLocalBlock):
+            module.impl = "naive"
+    with flop_counter(depth=1) as counter, torch.no_grad():
+        shadow(torch.empty(tuple(input_shape), device="meta"))
+    counts = counter.get_flop_counts()
+    prefix = type(shadow).__name__
+    rows = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        rows.append(StageCost(
+            name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.dim() > 1),
+            int(sum(counts.get(f"{prefix}.{name}", {}).values())),
+        ))
+    rows.append(StageCost(
+        "total", sum(r.params for r in rows), sum(r.weights for r in rows), int(counter.get_total_flops())
+    ))
+    return rows
