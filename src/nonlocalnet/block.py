@@ -83,9 +83,7 @@ class NonLocalBlock(nn.Module):
         fold: bool | None = None,
     ):
         super().__init__()
-        _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl)
-        if fold not in (None, True, False):
-            raise ValueError(f"fold: expected None, True or False, got {fold!r}")
+        _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, fold)
         self.fold = fold
         inner = in_channels // 2 if inner_channels is None else int(inner_channels)
         if inner < 1:
@@ -203,11 +201,10 @@ class NonLocalBlock(nn.Module):
 
     def _keys_per_query(self, shape: Sequence[int]) -> int:
         keys = self.key_shape(shape)
-        if self.dims == 3 and self.affinity == "space":
+        kind = _groups_kind(self.affinity, self.dims)
+        if kind == "space":
             return math.prod(keys[1:])
-        if self.dims == 3 and self.affinity == "time":
-            return keys[0]
-        return math.prod(keys)
+        return keys[0] if kind == "time" else math.prod(keys)
 
     def _folded_transform(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`transform` with W_theta folded into the keys and W_z, b_z into the values."""
@@ -223,7 +220,7 @@ class NonLocalBlock(nn.Module):
             w_key = torch.cat([self.theta.weight.flatten(1), self.theta.bias[:, None]], 1)  # (C', C + 1)
             k = _tokens(self.phi, key_flat) @ w_key  # (B, M, C + 1)
             v = F.pad(v, (0, 1))  # (B, M, C + 1): equal widths let the fused kernels serve
-        groups = _Groups(self.affinity, self.dims, tuple(x.shape[2:]), tuple(source.shape[2:]), self.pool_kernel)
+        groups = self._groups(x, source)
         y = nonlocal_attention(
             groups.group(q), groups.group_keys(k), groups.group_keys(v), mode=self.mode, scale=self.scale, impl=self.impl
         )
@@ -291,8 +288,12 @@ class NonLocalBlock(nn.Module):
             return pool(x, kernel, kernel, ceil_mode=True)
         return _WindowMax.apply(x, kernel)
 
+    def _groups(self, x: torch.Tensor, source: torch.Tensor) -> _Groups:
+        """The affinity's groups for input ``x`` and its key map ``source``."""
+        return _Groups(self.affinity, self.dims, tuple(x.shape[2:]), tuple(source.shape[2:]), self.pool_kernel)
+
     def _qkv(self, x: torch.Tensor):
-        self._check_input(x)
+        """Grouped queries, keys and values of an input already checked by the caller."""
         x_flat = x.flatten(2)  # (B, C, N)
         source = self._keys_source(x)
         key_flat = source.flatten(2)  # (B, C, M)
@@ -303,12 +304,12 @@ class NonLocalBlock(nn.Module):
         else:
             q, k = _tokens(self.theta, x_flat), _tokens(self.phi, key_flat)  # (B, N, C'), (B, M, C')
         v = _tokens(self.g, key_flat)  # (B, M, C')
-        groups = _Groups(self.affinity, self.dims, tuple(x.shape[2:]), tuple(source.shape[2:]), self.pool_kernel)
+        groups = self._groups(x, source)
         return groups.group(q), groups.group_keys(k), groups.group_keys(v), groups
 
 
 
-def _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl) -> None:
+def _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, fold) -> None:
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
     if inner_channels is not None and (not isinstance(inner_channels, int) or isinstance(inner_channels, bool)):
@@ -327,6 +328,8 @@ def _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl) 
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if not isinstance(scale, (bool, int, float)) or (not isinstance(scale, bool) and not scale > 0):
         raise ValueError(f"scale: expected True, False or a positive number, got {scale!r}")
+    if fold not in (None, True, False):
+        raise ValueError(f"fold: expected None, True or False, got {fold!r}")
 
 
 def _resolve_scale(scale, mode: str, width: int) -> float:
