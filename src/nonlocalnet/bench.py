@@ -207,14 +207,11 @@ def _output_and_input_grad(module: torch.nn.Module, x: torch.Tensor, grad: torch
     return y.detach(), x.grad
 
 
-def errors_against_float64(module: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """Relative error of ``module``'s output and input gradient against ``reference`` run in
-    float64 on the same input and upstream gradient (the reference is converted in place)."""
-    grad = torch.randn_like(x)
+def errors_against(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, expected) -> tuple[float, float]:
+    """Relative error of ``module``'s output and input gradient (upstream ``grad``) against the
+    ``expected`` pair, e.g. the float64 reference's from :func:`_output_and_input_grad`."""
     y, dx = _output_and_input_grad(module, x, grad)
-    reference.to(torch.float64)
-    y64, dx64 = _output_and_input_grad(reference, x.double(), grad.double())
-    return relative_error(y, y64), relative_error(dx, dx64)
+    return relative_error(y, expected[0]), relative_error(dx, expected[1])
 
 
 def environment(device: torch.device) -> dict:
@@ -293,10 +290,12 @@ def compare_block_impls(
             block.load_state_dict(base.state_dict())
             blocks.append(block.to(device=device, dtype=dtype))
         results = [measure(impl, b, x, repeats=repeats, backward=backward) for impl, b in zip(impls, blocks)]
-        reference = NonLocalBlock(shape[1], mode=mode, dims=len(shape) - 2, impl="naive").to(device)
+        reference = NonLocalBlock(shape[1], mode=mode, dims=len(shape) - 2, impl="naive")
         reference.load_state_dict(base.state_dict())
-        for result, block in zip(results, blocks):
-            result.output_error, result.grad_error = errors_against_float64(block, reference, x)
+        grad = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        expected = _output_and_input_grad(reference.to(device, torch.float64), x.double(), grad.double())
+        for result, block in zip(results, blocks):  # the float64 reference runs once per mode
+            result.output_error, result.grad_error = errors_against(block, x, grad, expected)
         reports.append((ModeReport(mode, results), blocks))
     for report, blocks in reports:  # after all timing: measuring memory changes the allocator
         for result, block in zip(report.results, blocks):
