@@ -44,24 +44,24 @@ REPEATS = {"res4": 5, "res3": 3, "res2": 1}  # --sizes default; also res5 (5 rep
 def build(impl: str, mode: str, channels: int, dims: int) -> nn.Module | None:
     """The implementation's block with the paper's settings (C' = C/2, keys pooled (1,2,2) in 3-D,
     1/sqrt(C') logit scale, BatchNorm after W_z), or None when it lacks this mode or dims."""
+    if not supports(impl, mode, dims):
+        return None
     if impl == "naive":
         return NonLocalBlock(channels, mode=mode, dims=dims, subsample=dims == 3, impl="naive")
     if impl in VARIANTS:
         return NonLocalBlock(channels, mode=mode, dims=dims, subsample=dims == 3, fold=VARIANTS[impl])
-    if impl == "pytorchvideo" and dims == 3 and mode in ("embedded_gaussian", "dot_product"):
+    if impl == "pytorchvideo":
         from pytorchvideo.layers.nonlocal_net import create_nonlocal
 
         kind = "softmax" if mode == "embedded_gaussian" else "dot_product"
         return create_nonlocal(dim_in=channels, dim_inner=channels // 2, pool_size=(1, 2, 2), instantiation=kind)
-    if impl == "mmcv" and dims == 3:
+    if impl == "mmcv":
         from mmcv.cnn.bricks.non_local import NonLocal3d
 
         return NonLocal3d(channels, sub_sample=True, mode=mode, norm_cfg=dict(type="BN3d"))
-    if impl == "timm" and dims == 2 and mode == "embedded_gaussian":
-        from timm.layers.non_local_attn import NonLocalAttn
+    from timm.layers.non_local_attn import NonLocalAttn
 
-        return NonLocalAttn(channels, rd_channels=channels // 2)
-    return None
+    return NonLocalAttn(channels, rd_channels=channels // 2)
 
 
 def case_shape(size: str, dims: int) -> tuple[int, ...]:
@@ -105,14 +105,15 @@ def _cases(args: argparse.Namespace):
     for size in args.sizes:
         for dims in (3, 2):
             for mode in args.modes:
-                impls = [i for i in args.impls if build_is_possible(i, mode, dims)]
+                impls = [i for i in args.impls if supports(i, mode, dims)]
                 if dims == 2 and "timm" not in impls:
                     continue  # 2-D only to meet timm
                 for impl in impls:
                     yield size, dims, mode, impl
 
 
-def build_is_possible(impl: str, mode: str, dims: int) -> bool:
+def supports(impl: str, mode: str, dims: int) -> bool:
+    """Whether ``impl`` has this mode in this many dims (ours and the naive form have all)."""
     if impl == "naive" or impl in VARIANTS:
         return True
     return {
