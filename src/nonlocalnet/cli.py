@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .attention import IMPLS, MODES
+from .bench import SHAPES
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("bench", help="time and check the block's fast paths against the naive reference")
-    p.add_argument("--shape", default="res4", help="res4 | res3 | res2 | small, or sizes 'B,C,T,H,W' (default res4)")
+    p.add_argument("--shape", default="res4", help=f"{' | '.join(SHAPES)}, or sizes 'B,C,T,H,W' (default res4)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--impls", nargs="+", default=["auto", "naive"], choices=IMPLS,
                    help="attention implementations to time (default: auto naive)")
