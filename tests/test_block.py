@@ -264,6 +264,8 @@ BAD_ARGS = [
     (dict(in_channels=8, mode="dot_product", scale=0.5), "scale"),
     (dict(in_channels=8, dims=1, affinity="space"), "affinity"),
     (dict(in_channels=8, dims=2, affinity="time"), "affinity"),
+    (dict(in_channels=8, dims=2, group_size=2), "group_size"),
+    (dict(in_channels=8, group_size=0), "group_size"),
 ]
 
 
@@ -284,6 +286,34 @@ def test_bad_inputs_name_argument_expected_and_actual():
     NonLocalBlock(8, subsample=False)(torch.randn(1, 8, 2, 1, 1))  # fine without subsampling
     with pytest.raises(ValueError, match=r"x: expected a 3-D input \(B, C, T\)"):
         NonLocalBlock(8, dims=1)(torch.randn(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
+@pytest.mark.parametrize("impl", ["auto", "naive"])
+def test_time_groups_attend_within_each_group(mode, impl):
+    """group_size (official add_nonlocal_group): each group of frames is a clip of its own."""
+    block = _randomise(NonLocalBlock(6, 4, mode=mode, group_size=2, impl=impl)).double().eval()
+    x = torch.randn(2, 6, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    sd = block.state_dict()
+    expected = torch.cat([
+        reference_block(sd, x[:, :, t : t + 2], mode=mode, dims=3, subsample=True, scale=0.5,
+                        affinity="spacetime", norm=True)
+        for t in (0, 2, 4)
+    ], 2)
+    actual = block(x)
+    assert rel_err(actual, expected) < 1e-10
+    weight = torch.randn_like(expected)
+    (g_exp,) = torch.autograd.grad((expected * weight).sum(), x)
+    (g_act,) = torch.autograd.grad((actual * weight).sum(), x)
+    assert rel_err(g_act, g_exp) < 1e-10
+    block.group_size = None
+    whole = block(x)
+    assert rel_err(whole, expected) > 1e-3  # the groups do change the result
+    block.group_size = 6
+    assert torch.equal(block(x), whole)  # T <= group_size: one group
+    block.group_size = 4
+    with pytest.raises(ValueError, match=r"x: expected a number of frames \(dim 2\) divisible by group_size=4"):
+        block(x)
 
 
 @pytest.mark.parametrize("kernel", [(1, 2, 2), (2, 2), (2,), (2, 3, 2)])

@@ -170,3 +170,33 @@ def test_flops_ignore_how_the_blocks_run():
         model.res4[i].nonlocal_block.fold = False
     assert model_report(model, (1, 3, 8, 224, 224))[-1].flops == folded
     assert model.res4[1].nonlocal_block.impl == "auto"  # the report changed only its own copy
+
+
+def test_frozen_bn_models_keep_the_names_and_drop_the_statistics():
+    with torch.device("meta"):
+        bn = ResNet3d(depth=50, inflation="3x1x1", nonlocal_blocks=R50_NL5)
+        frozen = ResNet3d(depth=50, inflation="3x1x1", nonlocal_blocks=R50_NL5, frozen_bn=True,
+                          nonlocal_options={"norm": False}, nonlocal_stage_options={"res3": {"group_size": 4}})
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    expected = {k for k in bn.state_dict() if not k.endswith(stats) and ".nonlocal_block.norm." not in k}
+    assert set(frozen.state_dict()) == expected
+    assert frozen.res3[1].nonlocal_block.group_size == 4 and frozen.res4[1].nonlocal_block.group_size is None
+    assert bn.res2[0].branch2a_bn.eps == bn.res4[1].nonlocal_block.norm.eps == 1.0000001e-5  # official BN_EPSILON
+    affine = frozen.res2[0].branch2a_bn
+    affine.to_empty(device="cpu")
+    torch.nn.init.normal_(affine.weight), torch.nn.init.normal_(affine.bias)
+    x = torch.randn(2, 64, 3, 4, 5)
+    assert torch.allclose(affine(x), x * affine.weight.view(1, -1, 1, 1, 1) + affine.bias.view(1, -1, 1, 1, 1))
+    with pytest.raises(ValueError, match="nonlocal_stage_options: expected stage names"):
+        ResNet3d(nonlocal_stage_options={"layer3": {}})
+
+
+def test_reset_parameters_restores_the_official_initialisation():
+    model = ResNet3d(depth=50, stem="8x8", nonlocal_blocks={"res4": (4,)})
+    randomize_(model)
+    model.reset_parameters()
+    block = model.res4[4].nonlocal_block
+    assert block.norm.weight.abs().sum() == 0 and 0.005 < block.theta.weight.std() < 0.015  # N(0, 0.01^2)
+    assert model.res4[4].branch2c_bn.weight.abs().sum() == 0 and model.res4[4].branch2a_bn.weight.eq(1).all()
+    fan_out = 256 * 3 * 3
+    assert abs(model.res4[4].branch2b.weight.std() - (2 / fan_out) ** 0.5) < 2e-3

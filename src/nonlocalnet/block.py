@@ -62,6 +62,10 @@ class NonLocalBlock(nn.Module):
             map per clip. ``None`` (default) folds where the counted work drops enough (softmax:
             res5; dot product: res2/res3 sizes); ``True`` / ``False`` force it. Ignored by the
             concatenation and by a space/time dot product.
+        group_size: 3-D only: split time into consecutive groups of this many frames and let
+            attention stay inside each group (the official ``add_nonlocal_group``, which the
+            frozen-BN 128-frame and 32x4 models use in res3 with groups of 4 to save memory). An
+            input with at most ``group_size`` frames is one group; otherwise T must be a multiple.
 
     Submodules (state-dict keys): ``theta``, ``phi`` (not for ``gaussian``), ``g``, ``out``
     (1x1 convs with bias), ``norm`` (when norm=True) and, for ``concatenation``, ``concat`` holding
@@ -81,10 +85,15 @@ class NonLocalBlock(nn.Module):
         *,
         impl: str = "auto",
         fold: bool | None = None,
+        group_size: int | None = None,
     ):
         super().__init__()
         _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, fold)
-        self.fold = fold
+        if group_size is not None and (dims != 3 or isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise ValueError(f"group_size: expected None or a positive int of frames with dims=3, got {group_size!r} "
+                             f"with dims={dims}")
+        self.fold, self.group_size = fold, group_size
         inner = in_channels // 2 if inner_channels is None else int(inner_channels)
         if inner < 1:
             where = " (the default in_channels // 2)" if inner_channels is None else ""
@@ -125,6 +134,7 @@ class NonLocalBlock(nn.Module):
             f"{self.in_channels}, {self.inner_channels}, mode={self.mode!r}, dims={self.dims}, "
             f"subsample={self.subsample}, scale={self.scale:.4g}, affinity={self.affinity!r}, impl={self.impl!r}"
             + ("" if self.fold is None else f", fold={self.fold}")
+            + ("" if self.group_size is None else f", group_size={self.group_size}")
         )
 
     # ----------------------------------------------------------------------------------------
@@ -147,6 +157,12 @@ class NonLocalBlock(nn.Module):
         :meth:`_folded_dot_product`.
         """
         self._check_input(x)
+        groups = self._time_groups(x)
+        if groups > 1:  # each group of frames is a clip of its own
+            b, c, t, h, w = x.shape
+            clips = x.view(b, c, groups, t // groups, h, w).transpose(1, 2).reshape(b * groups, c, t // groups, h, w)
+            y = self.transform(clips)  # (B * groups, C, group_size, H, W)
+            return y.view(b, groups, c, t // groups, h, w).transpose(1, 2).reshape(x.shape)
         if self._folds(x):
             if self.mode == "dot_product":
                 return self._folded_dot_product(x)
@@ -240,6 +256,9 @@ class NonLocalBlock(nn.Module):
             query's frame / location are 0.
         """
         self._check_input(x)
+        if self._time_groups(x) > 1:
+            raise ValueError(f"x: attention_map needs at most group_size={self.group_size} frames (one group), "
+                             f"got shape {tuple(x.shape)}; pass one group of frames")
         q, k, v, groups = self._qkv(x)
         queries = torch.as_tensor(queries, dtype=torch.long, device=x.device)
         if queries.dim() == 1:
@@ -263,6 +282,15 @@ class NonLocalBlock(nn.Module):
         return tuple(int(rounding(s / k)) for s, k in zip(spatial, self.pool_kernel))
 
     # ----------------------------------------------------------------------------------------
+    def _time_groups(self, x: torch.Tensor) -> int:
+        """How many groups of ``group_size`` frames ``x`` splits into (1: no split)."""
+        if self.group_size is None or x.dim() != 5 or x.shape[2] <= self.group_size:
+            return 1
+        if x.shape[2] % self.group_size:
+            raise ValueError(f"x: expected a number of frames (dim 2) divisible by group_size={self.group_size}, "
+                             f"got shape {tuple(x.shape)}")
+        return x.shape[2] // self.group_size
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != self.dims + 2:
             raise ValueError(

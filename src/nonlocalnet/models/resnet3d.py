@@ -14,6 +14,10 @@ Stems (``stem``):
   pool2 [2,1,1] stride [2,1,1]; 8 frames give the same map sizes from res2 on.
 pool1 has no spatial padding, so a 224 input gives 55 x 55 at res2 as in the official code (the
 paper's table says 56); res3..res5 are 28, 14, 7 either way.
+
+Normalisation (``frozen_bn``): BatchNorm with the official epsilon 1.0000001e-5 and PyTorch
+momentum 0.1 (Caffe2's 0.9), or, as the official ``MODEL.USE_AFFINE`` models (128x1, 32x4), a
+per-channel scale and shift without statistics (:class:`Affine3d`) under the same names.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn as nn
 
 from ..block import NonLocalBlock
 
+BN_EPS = 1.0000001e-5  # official MODEL.BN_EPSILON and NONLOCAL.BN_EPSILON
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
 INFLATIONS = ("c2d", "3x1x1", "3x3x3")
@@ -47,6 +52,28 @@ def inflated_blocks(depth: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+class Affine3d(nn.Module):
+    """y = weight * x + bias per channel: a batch norm frozen into its affine form (official
+    ``AffineNd``). Scale and shift stay learnable; there are no statistics to update."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+def _norm(channels: int, frozen: bool) -> nn.Module:
+    return Affine3d(channels) if frozen else nn.BatchNorm3d(channels, eps=BN_EPS)
+
+
 class Bottleneck3d(nn.Module):
     """Residual bottleneck 1x1x1 -> 1x3x3 (spatial stride here) -> 1x1x1, each conv with BN.
 
@@ -56,19 +83,19 @@ class Bottleneck3d(nn.Module):
     """
 
     def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int, temporal_a: int = 1,
-                 temporal_b: int = 1):
+                 temporal_b: int = 1, frozen_bn: bool = False):
         super().__init__()
         self.branch2a = nn.Conv3d(in_channels, inner, (temporal_a, 1, 1), padding=(temporal_a // 2, 0, 0), bias=False)
-        self.branch2a_bn = nn.BatchNorm3d(inner)
+        self.branch2a_bn = _norm(inner, frozen_bn)
         self.branch2b = nn.Conv3d(inner, inner, (temporal_b, 3, 3), stride=(1, stride, stride),
                                   padding=(temporal_b // 2, 1, 1), bias=False)
-        self.branch2b_bn = nn.BatchNorm3d(inner)
+        self.branch2b_bn = _norm(inner, frozen_bn)
         self.branch2c = nn.Conv3d(inner, out_channels, 1, bias=False)
-        self.branch2c_bn = nn.BatchNorm3d(out_channels)
+        self.branch2c_bn = _norm(out_channels, frozen_bn)
         self.branch1 = self.branch1_bn = None
         if stride != 1 or in_channels != out_channels:
             self.branch1 = nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False)
-            self.branch1_bn = nn.BatchNorm3d(out_channels)
+            self.branch1_bn = _norm(out_channels, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
         self.nonlocal_block: NonLocalBlock | None = None
 
@@ -92,6 +119,10 @@ class ResNet3d(nn.Module):
             ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (the paper's 5 blocks in R50).
         nonlocal_options: further :class:`NonLocalBlock` arguments for every block (``mode``,
             ``affinity``, ``norm``, ...); channels and dims are set here.
+        nonlocal_stage_options: per-stage arguments over ``nonlocal_options``, e.g.
+            ``{"res3": {"group_size": 4}}`` (the official frozen-BN models' res3).
+        frozen_bn: every BN (the non-local blocks' aside) is an :class:`Affine3d` (official
+            ``USE_AFFINE``); the non-local blocks take ``norm`` from the options.
         num_classes: outputs of ``pred``.
         dropout: before ``pred`` (0.5 in every paper recipe).
         zero_init_residual: start each ``branch2c_bn`` scale at 0, as the official recipes do.
@@ -107,17 +138,22 @@ class ResNet3d(nn.Module):
         stem: str = "32x2",
         nonlocal_blocks: Mapping[str, Sequence[int]] | None = None,
         nonlocal_options: Mapping[str, object] | None = None,
+        nonlocal_stage_options: Mapping[str, Mapping[str, object]] | None = None,
         num_classes: int = 400,
         dropout: float = 0.5,
         zero_init_residual: bool = True,
+        frozen_bn: bool = False,
     ):
         super().__init__()
         _check_args(depth, inflation, stem, nonlocal_blocks, num_classes)
-        self.depth, self.inflation, self.stem = depth, inflation, stem
+        for name in nonlocal_stage_options or {}:
+            if name not in STAGES:
+                raise ValueError(f"nonlocal_stage_options: expected stage names from {STAGES}, got {name!r}")
+        self.depth, self.inflation, self.stem, self.frozen_bn = depth, inflation, stem, bool(frozen_bn)
         conv1_stride, pool1_kernel, pool1_stride, pool2 = STEMS[stem]
         t1 = 1 if inflation == "c2d" else 5
         self.conv1 = nn.Conv3d(3, 64, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
-        self.res_conv1_bn = nn.BatchNorm3d(64)
+        self.res_conv1_bn = _norm(64, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride)
         self.pool2 = nn.MaxPool3d(pool2, pool2)
@@ -131,25 +167,36 @@ class ResNet3d(nn.Module):
                 stage.append(Bottleneck3d(
                     in_channels, inner, inner * 4, stride=2 if i == 0 and index > 0 else 1,
                     temporal_a=t if inflation == "3x1x1" else 1, temporal_b=t if inflation == "3x3x3" else 1,
+                    frozen_bn=frozen_bn,
                 ))
                 in_channels = inner * 4
             self.add_module(name, nn.Sequential(*stage))
         self.dropout = nn.Dropout(dropout)
         self.pred = nn.Linear(in_channels, num_classes)
-        self.reset_parameters(zero_init_residual)
         self.nonlocal_positions = {k: tuple(v) for k, v in (nonlocal_blocks or {}).items()}
         for name, indices in self.nonlocal_positions.items():
             stage = getattr(self, name)
+            options = {**(nonlocal_options or {}), **(nonlocal_stage_options or {}).get(name, {})}
             for i in indices:
-                channels = stage[i].branch2c.out_channels
-                stage[i].nonlocal_block = NonLocalBlock(channels, dims=3, **dict(nonlocal_options or {}))
+                block = NonLocalBlock(stage[i].branch2c.out_channels, dims=3, **options)
+                if isinstance(block.norm, nn.BatchNorm3d):
+                    block.norm.eps = BN_EPS
+                stage[i].nonlocal_block = block
+        self.reset_parameters(zero_init_residual)
 
     def reset_parameters(self, zero_init_residual: bool = True) -> None:
-        """Official initialisation: MSRA (fan-out) convs, unit BN, pred N(0, 0.01^2), zero biases."""
+        """Official initialisation: MSRA (fan-out) convs, unit BN, pred N(0, 0.01^2), zero biases;
+        each non-local block its own (:meth:`NonLocalBlock.reset_parameters`)."""
+        blocks = [m for m in self.modules() if isinstance(m, NonLocalBlock)]
+        inside = {id(m) for block in blocks for m in block.modules()}
+        for block in blocks:
+            block.reset_parameters()
         for module in self.modules():
+            if id(module) in inside:
+                continue
             if isinstance(module, nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm3d):
+            elif isinstance(module, (nn.BatchNorm3d, Affine3d)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         if zero_init_residual:
