@@ -73,3 +73,28 @@ def test_bench_command_rejects_a_bad_shape(capsys):
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "nonlocalnet", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("nonlocalnet ")
+
+
+@pytest.mark.parametrize(
+    "argv, params, flops",  # Table 2e, R101 against C2D
+    [(["c2d_nl5_r101"], 1.2, 1.2), (["i3d_r101"], 1.2, 1.5), (["i3d_r101", "--inflation", "3x3x3"], 1.5, 1.8)],
+)
+def test_info_prints_stages_and_the_table_2e_ratios(argv, params, flops, capsys):
+    assert main(["info", *argv]) == 0
+    printed = capsys.readouterr().out
+    assert f"params {params}x" in printed and f"FLOPs {flops}x" in printed
+    stages = [line.split()[0] for line in printed.splitlines() if line.startswith(("conv1", "res", "pred", "total"))]
+    assert stages == ["conv1", "res_conv1_bn", "res2", "res3", "res4", "res5", "pred", "total"]
+
+
+def test_info_and_models_commands(capsys):
+    assert main(["info", "c2d_r50", "--frames", "8", "--size", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper: Kinetics-400 top-1 71.8, top-5 89.7 (Table 2c)" in printed and "against" not in printed
+    assert "(3, 8, 256, 256)" in printed
+    assert main(["models", "i3d_nl5_r50*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:-1]] == ["i3d_nl5_r50", "i3d_nl5_r50_8x8", "i3d_nl5_r50_128x1", "i3d_nl5_r50_32x4"]
+    assert main(["info", "c2d_r5"]) == 2
+    assert "unknown model 'c2d_r5'" in capsys.readouterr().err
+    assert main(["models", "x*"]) == 2

@@ -59,6 +59,67 @@ def _as_dict(report) -> dict:
     return {"mode": report.mode, "results": [vars(r) for r in report.results]}
 
 
+def _info(args: argparse.Namespace) -> int:
+    from .flops import model_report
+    from .models import create_model, model_card
+    from .models.zoo import card_name
+
+    card = model_card(args.model)
+    overrides = {"inflation": args.inflation} if args.inflation else {}
+    frames = args.frames or card.frames
+    shape = (1, 3, frames, args.size, args.size)
+    print(f"{card.name}: R{card.depth} {card.arch.upper()}, {card.nonlocal_count} non-local blocks, input {card.input} "
+          f"({card.frames} frames at stride {card.rate}){', frozen BN' if card.frozen_bn else ''}"
+          + (f", inflation {args.inflation}" if args.inflation else ""))
+    for label, result in (("paper", card.paper), ("official", card.official)):
+        if result:
+            print(f"  {label}: Kinetics-400 top-1 {result[0]}, top-5 {result[1]} ({result[2]})")
+    with torch.device("meta"):
+        rows = model_report(create_model(card.name, num_classes=args.num_classes, **overrides), shape)
+    print(f"view {tuple(shape[1:])}; FLOPs = 2 x multiply-adds (the paper's 'FLOPs' are GMACs)")
+    print(_cost_table(rows))
+    base_name = card_name("c2d", 0, card.depth, card.input)
+    if base_name != card.name or args.inflation:
+        with torch.device("meta"):
+            base = model_report(create_model(base_name, num_classes=args.num_classes), shape)[-1]
+        total = rows[-1]
+        params, flops = total.weights / base.weights, total.flops / base.flops
+        print(f"against {base_name} (as Table 2e): params {params:.1f}x ({params:.3f}), FLOPs {flops:.1f}x ({flops:.3f})")
+    return 0
+
+
+def _cost_table(rows) -> str:
+    head = f"{'stage':<12} {'params':>12} {'weights':>12} {'GFLOPs':>9} {'GMACs':>8} {'share':>6}"
+    total = rows[-1].flops or 1
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if not (r.params or r.flops):
+            continue  # activations, pools, dropout
+        if r is rows[-1]:
+            lines.append("-" * len(head))
+        lines.append(f"{r.name:<12} {r.params:>12,} {r.weights:>12,} {r.flops / 1e9:>9.2f} {r.flops / 2e9:>8.2f} "
+                     f"{100 * r.flops / total:>5.1f}%")
+    lines.append("weights: conv and fc weights only, the official counter's 'params' (43.2M for R101 C2D)")
+    return "\n".join(lines)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import list_models, model_card
+
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"pattern: expected a pattern matching zoo names (e.g. 'i3d_nl5_*'), got {args.pattern!r}")
+    head = f"{'name':<22} {'input':>6} {'params':>8} {'GFLOPs':>8} {'paper top-1':>12} {'official top-1':>15}"
+    print(head + "\n" + "-" * len(head))
+    for name in names:
+        c = model_card(name)
+        paper = f"{c.paper[0]} ({c.paper[2][-2:]})" if c.paper else "-"
+        print(f"{name:<22} {c.input:>6} {c.params / 1e6:>7.2f}M {c.gflops:>8.2f} {paper:>12} "
+              f"{c.official[0] if c.official else '-':>15}")
+    print("GFLOPs: one frames x 224 x 224 view, 2 x multiply-adds; top-1: Kinetics-400 val (%)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
@@ -76,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(handler=_bench)
+
+    p = commands.add_parser("info", help="parameters and FLOPs per stage of a zoo model")
+    p.add_argument("model", help="a zoo name (see `nonlocalnet models`)")
+    p.add_argument("--frames", type=int, help="input frames (default: the model's)")
+    p.add_argument("--size", type=int, default=224, help="input height and width (default 224; the test views are 256)")
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--inflation", choices=["c2d", "3x1x1", "3x3x3"], help="override the model's inflation")
+    p.set_defaults(handler=_info)
+
+    p = commands.add_parser("models", help="list the zoo: input, size, cost and the paper's and official accuracy")
+    p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d_*_r50'")
+    p.set_defaults(handler=_models)
     return parser
 
 

@@ -8,7 +8,8 @@ our backward kernels accumulate with. We register those with PyTorch's own formu
 attention 2 * B * H * N * M * (Cq + Cv) forward and 2.5 times that backward (five matmuls:
 recomputed logits, dV, dP, dQ, dK).
 
-FLOPs are multiply-adds x 2 throughout, as in the paper's Table 2e and PyTorch's counter.
+FLOPs are multiply-adds x 2 throughout, as PyTorch's counter; the paper's "FLOPs" (Table 2e: 34.2B
+for R101 C2D) and the official counter's are multiply-adds, half of these.
 """
 
 from __future__ import annotations

@@ -1,5 +1,56 @@
-"""Video backbones of the paper (§4): C2D and I3D ResNet-50/101 with non-local blocks."""
+"""Video backbones of the paper (§4) and the model zoo: ``create_model(name)``, ``list_models()``.
 
-from .resnet3d import Bottleneck3d, ResNet3d, inflated_blocks
+Zoo names and what they build: :mod:`nonlocalnet.models.zoo`.
+"""
 
-__all__ = ["Bottleneck3d", "ResNet3d", "inflated_blocks"]
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from os import PathLike
+
+from .resnet3d import Affine3d, Bottleneck3d, ResNet3d, inflated_blocks
+from .zoo import CARDS, DEFAULT_INPUT, ModelCard
+
+__all__ = ["Affine3d", "Bottleneck3d", "ResNet3d", "inflated_blocks", "create_model", "list_models", "model_card",
+           "ModelCard"]
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Zoo names, optionally filtered by a shell pattern (``"i3d_nl5_*"``). The default input
+    setting (32x2) has no suffix; ``<name>_32x2`` is accepted as well."""
+    names = list(CARDS)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def model_card(name: str) -> ModelCard:
+    """The :class:`~nonlocalnet.models.zoo.ModelCard` of a zoo name; a ValueError lists the known ones."""
+    key = name.removesuffix(f"_{DEFAULT_INPUT}") if isinstance(name, str) else name
+    if key in CARDS:
+        return CARDS[key]
+    close = difflib.get_close_matches(str(name), list(CARDS), n=5, cutoff=0.5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ValueError(f"name: unknown model {name!r}.{hint} Known models: {', '.join(CARDS)}")
+
+
+def create_model(name: str, num_classes: int = 400, *, weights: str | PathLike | None = None,
+                 **overrides) -> ResNet3d:
+    """Build a zoo model, e.g. ``create_model("i3d_nl5_r50")`` or ``create_model("c2d_r101_8x8")``.
+
+    Args:
+        name: a name of :func:`list_models`.
+        num_classes: outputs of the classifier.
+        weights: a local checkpoint (:func:`nonlocalnet.weights.save_weights` or
+            ``nonlocalnet convert`` output) loaded strictly; nothing is downloaded.
+        **overrides: :class:`ResNet3d` arguments replacing the card's, e.g. ``inflation="3x3x3"``,
+            ``dropout=0.0`` or ``nonlocal_options={"mode": "dot_product"}``; a misspelt one raises
+            TypeError.
+    """
+    card = model_card(name)
+    kwargs = {**card.model_kwargs(), "num_classes": num_classes, **overrides}
+    model = ResNet3d(**kwargs)
+    if weights is not None:
+        from ..weights import load_weights
+
+        load_weights(model, weights)
+    return model
