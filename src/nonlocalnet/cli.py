@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +121,30 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from . import weights
+    from .models import create_model
+
+    model = create_model(args.model, num_classes=args.num_classes)
+    if args.command == "convert":
+        conversion = weights.convert_caffe2(weights.load_caffe2_blobs(args.source), model, skip_classifier=args.init)
+    else:
+        payload = weights.read_weights(args.source)
+        conversion = weights.inflate_torchvision(payload["state_dict"], model)
+    print(f"{args.source} -> {args.model}: {conversion.report()}")
+    partial = args.command == "inflate" or args.init
+    problems = conversion.unmatched or conversion.mismatched or (conversion.missing and not partial)
+    if problems:
+        hint = "" if partial else "; for an initialisation (ImageNet) checkpoint pass --init"
+        print(f"nonlocalnet {args.command}: error: the checkpoint does not fit {args.model}; nothing written{hint}",
+              file=sys.stderr)
+        return 1
+    meta = {"source": os.path.basename(args.source), "kept_initialised": conversion.missing}
+    weights.save_weights(conversion.state_dict, args.out, model=args.model, meta=meta)
+    print(f"wrote {args.out} (load with nonlocalnet.create_model({args.model!r}, weights=...))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
@@ -149,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("models", help="list the zoo: input, size, cost and the paper's and official accuracy")
     p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d_*_r50'")
     p.set_defaults(handler=_models)
+
+    p = commands.add_parser("convert", help="official Caffe2 .pkl checkpoint -> our weights file")
+    p.add_argument("source", metavar="IN.pkl")
+    p.add_argument("out", metavar="OUT.pt")
+    p.add_argument("--model", required=True, help="the zoo model the checkpoint belongs to")
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--init", action="store_true",
+                   help="an initialisation checkpoint (the ImageNet pretrain): blobs the model has no use for "
+                        "are still errors, but missing entries and a classifier of another size keep their "
+                        "initialisation")
+    p.set_defaults(handler=_convert)
+
+    p = commands.add_parser("inflate", help="torchvision 2-D ResNet-50/101 weights -> a C2D/I3D zoo model")
+    p.add_argument("source", metavar="RESNET2D.pth")
+    p.add_argument("out", metavar="OUT.pt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-classes", type=int, default=400)
+    p.set_defaults(handler=_convert)
     return parser
 
 
@@ -156,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as err:  # bad arguments reach the user as one line, not a traceback
+    except (ValueError, FileNotFoundError) as err:  # bad arguments reach the user as one line, not a traceback
         print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)
         return 2
 
