@@ -200,3 +200,27 @@ def test_reset_parameters_restores_the_official_initialisation():
     assert model.res4[4].branch2c_bn.weight.abs().sum() == 0 and model.res4[4].branch2a_bn.weight.eq(1).all()
     fan_out = 256 * 3 * 3
     assert abs(model.res4[4].branch2b.weight.std() - (2 / fan_out) ** 0.5) < 2e-3
+
+
+@pytest.mark.parametrize(
+    "depth, preset, expected",  # Table 2b: "right before the last residual block of a stage"
+    [(50, "res2", {"res2": (1,)}), (50, "res3", {"res3": (2,)}), (50, "res4", {"res4": (4,)}), (50, "res5", {"res5": (1,)}),
+     (101, "res4", {"res4": (21,)}), (101, "nl1", {"res4": (21,)}), (50, "nl5", R50_NL5), (101, "nl5", R101_NL5),
+     (101, "nl10", {"res3": (0, 1, 2, 3), "res4": (3, 7, 11, 15, 19, 22)})],
+)
+def test_nonlocal_presets(depth, preset, expected):
+    with torch.device("meta"):
+        model = ResNet3d(depth=depth, nonlocal_blocks=preset)
+    found = {}
+    for stage in ("res2", "res3", "res4", "res5"):
+        indices = tuple(i for i, b in enumerate(getattr(model, stage)) if b.nonlocal_block is not None)
+        if indices:
+            found[stage] = indices
+            assert {b.nonlocal_block.in_channels for b in getattr(model, stage) if b.nonlocal_block} == {
+                getattr(model, stage)[0].branch2c.out_channels}
+    assert found == expected
+    last = {"res2": 2, "res3": 3, "res4": 5 if depth == 50 else 22, "res5": 2}
+    if preset.startswith("res"):  # right before the stage's last residual block
+        assert found[preset] == (last[preset] - 1,)
+    with pytest.raises(ValueError, match="nonlocal_blocks: expected a mapping or a preset from"):
+        ResNet3d(nonlocal_blocks="nl3")

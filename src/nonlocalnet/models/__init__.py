@@ -9,10 +9,10 @@ import difflib
 import fnmatch
 from os import PathLike
 
-from .resnet3d import Affine3d, Bottleneck3d, ResNet3d, inflated_blocks
+from .resnet3d import NONLOCAL_PRESETS, Affine3d, Bottleneck3d, ResNet3d, inflated_blocks
 from .zoo import CARDS, DEFAULT_INPUT, ModelCard
 
-__all__ = ["Affine3d", "Bottleneck3d", "ResNet3d", "inflated_blocks", "create_model", "list_models", "model_card",
+__all__ = ["NONLOCAL_PRESETS", "Affine3d", "Bottleneck3d", "ResNet3d", "inflated_blocks", "create_model", "list_models", "model_card",
            "ModelCard"]
 
 

@@ -40,6 +40,23 @@ STEMS = {
 }
 
 
+# Non-local positions (residual blocks followed by a block, 0-based within the stage) of the
+# paper's models, by preset and depth. "nl1" and "res2".."res5": one block "right before the last
+# residual block" of that stage (Tables 2a-2b); "nl5": the official code's; "nl10": every block
+# of res3 and res4 for R50; for R101 the paper gives no positions and the code cannot build 10,
+# so we take all of res3 and the last block of each of six near-equal runs of res4's 23.
+NONLOCAL_PRESETS: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {
+    "nl1": {50: {"res4": (4,)}, 101: {"res4": (21,)}},
+    "nl5": {50: {"res3": (1, 3), "res4": (1, 3, 5)}, 101: {"res3": (1, 3), "res4": (6, 13, 20)}},
+    "nl10": {50: {"res3": (0, 1, 2, 3), "res4": (0, 1, 2, 3, 4, 5)},
+             101: {"res3": (0, 1, 2, 3), "res4": (3, 7, 11, 15, 19, 22)}},
+    "res2": {50: {"res2": (1,)}, 101: {"res2": (1,)}},
+    "res3": {50: {"res3": (2,)}, 101: {"res3": (2,)}},
+    "res4": {50: {"res4": (4,)}, 101: {"res4": (21,)}},
+    "res5": {50: {"res5": (1,)}, 101: {"res5": (1,)}},
+}
+
+
 def inflated_blocks(depth: int) -> dict[str, tuple[int, ...]]:
     """Which residual blocks carry a temporal kernel of 3 in I3D (official ``obtain_arc``): every
     other block, res2 entirely, res5 only its middle block."""
@@ -116,7 +133,9 @@ class ResNet3d(nn.Module):
             branch2a 3x1x1 in every other block) or ``"3x3x3"`` (the same blocks inflate branch2b).
         stem: ``"32x2"`` or ``"8x8"`` (module docstring).
         nonlocal_blocks: residual blocks followed by a non-local block, e.g.
-            ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (the paper's 5 blocks in R50).
+            ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (the paper's 5 blocks in R50), or a preset
+            name of :data:`NONLOCAL_PRESETS`: ``"nl1"``, ``"nl5"``, ``"nl10"`` or one block in
+            ``"res2"`` .. ``"res5"`` (Table 2b).
         nonlocal_options: further :class:`NonLocalBlock` arguments for every block (``mode``,
             ``affinity``, ``norm``, ...); channels and dims are set here.
         nonlocal_stage_options: per-stage arguments over ``nonlocal_options``, e.g.
@@ -136,7 +155,7 @@ class ResNet3d(nn.Module):
         depth: int = 50,
         inflation: str = "c2d",
         stem: str = "32x2",
-        nonlocal_blocks: Mapping[str, Sequence[int]] | None = None,
+        nonlocal_blocks: Mapping[str, Sequence[int]] | str | None = None,
         nonlocal_options: Mapping[str, object] | None = None,
         nonlocal_stage_options: Mapping[str, Mapping[str, object]] | None = None,
         num_classes: int = 400,
@@ -145,6 +164,11 @@ class ResNet3d(nn.Module):
         frozen_bn: bool = False,
     ):
         super().__init__()
+        if isinstance(nonlocal_blocks, str):
+            if nonlocal_blocks not in NONLOCAL_PRESETS:
+                raise ValueError(f"nonlocal_blocks: expected a mapping or a preset from {tuple(NONLOCAL_PRESETS)}, "
+                                 f"got {nonlocal_blocks!r}")
+            nonlocal_blocks = NONLOCAL_PRESETS[nonlocal_blocks].get(depth, {})
         _check_args(depth, inflation, stem, nonlocal_blocks, num_classes)
         for name in nonlocal_stage_options or {}:
             if name not in STAGES:

@@ -35,15 +35,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .resnet3d import NONLOCAL_PRESETS
+
 __all__ = ["ModelCard", "CARDS", "NONLOCAL_POSITIONS", "INPUTS", "DEFAULT_INPUT"]
 
 NONLOCAL_POSITIONS: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {
-    (50, 1): {"res4": (4,)},
-    (50, 5): {"res3": (1, 3), "res4": (1, 3, 5)},
-    (50, 10): {"res3": (0, 1, 2, 3), "res4": (0, 1, 2, 3, 4, 5)},
-    (101, 1): {"res4": (21,)},
-    (101, 5): {"res3": (1, 3), "res4": (6, 13, 20)},
-    (101, 10): {"res3": (0, 1, 2, 3), "res4": (3, 7, 11, 15, 19, 22)},
+    (depth, count): NONLOCAL_PRESETS[f"nl{count}"][depth] for depth in (50, 101) for count in (1, 5, 10)
 }
 
 
