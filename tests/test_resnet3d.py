@@ -224,3 +224,25 @@ def test_nonlocal_presets(depth, preset, expected):
         assert found[preset] == (last[preset] - 1,)
     with pytest.raises(ValueError, match="nonlocal_blocks: expected a mapping or a preset from"):
         ResNet3d(nonlocal_blocks="nl3")
+
+
+def test_dense_test_head_follows_the_official_fully_convolutional_test():
+    torch.manual_seed(0)
+    model = ResNet3d(depth=50, stem="8x8", num_classes=6, zero_init_residual=False).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 2, 224, 224)
+        scale = model.forward_features(x).mean((2, 3, 4)).norm()
+        torch.nn.init.normal_(model.pred.weight, std=3 / scale), torch.nn.init.normal_(model.pred.bias)  # logits ~ 3
+        dense = model.forward_dense(x)
+        assert dense.shape == (1, 6, 1, 1, 1) and torch.allclose(dense.flatten(1), model(x), atol=1e-5)
+        x = torch.randn(2, 3, 2, 256, 256)  # res5 8 x 8: a 2 x 2 grid of 7 x 7 windows
+        features = model.forward_features(x)
+        dense = model.forward_dense(x)
+        assert dense.shape == (2, 6, 1, 2, 2)
+        for i in range(2):
+            for j in range(2):
+                window = features[:, :, :, i : i + 7, j : j + 7].mean((2, 3, 4))
+                assert torch.allclose(dense[:, :, 0, i, j], model.pred(window), atol=1e-5)
+        expected = torch.stack([dense[:, :, 0, i, j].softmax(1) for i in range(2) for j in range(2)]).mean(0)
+        assert torch.allclose(model.view_scores(x), expected, atol=1e-6)
+        assert not torch.allclose(model.view_scores(x), model(x).softmax(1), atol=1e-4)

@@ -146,8 +146,9 @@ class ResNet3d(nn.Module):
         dropout: before ``pred`` (0.5 in every paper recipe).
         zero_init_residual: start each ``branch2c_bn`` scale at 0, as the official recipes do.
 
-    The head averages over all remaining positions, so any T, H, W the strides allow works (the
-    official test converts ``pred`` into a 1x1x1 conv and averages its outputs: the same numbers).
+    ``forward`` averages over all remaining positions, so any T, H, W the strides allow works.
+    The official test instead slides the training-size pool over the map and scores each position
+    (:meth:`forward_dense`, :meth:`view_scores`); at the training size the two agree.
     """
 
     def __init__(
@@ -242,6 +243,24 @@ class ResNet3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_dense(self, x: torch.Tensor, window: int = 7) -> torch.Tensor:
+        """Logits at every position of the official fully convolutional test: (B, classes, t, h, w).
+
+        The official test keeps the training head's average pool (all frames x 7 x 7, the res5 map
+        of a 224 crop) with stride 1 and applies ``pred`` as a 1x1x1 conv, so a 256 crop (8 x 8 at
+        res5) gives a 2 x 2 grid of predictions. ``window`` is clipped to the map.
+        """
+        features = self.forward_features(x)  # (B, 2048, T', H', W')
+        kernel = (features.shape[2], min(window, features.shape[3]), min(window, features.shape[4]))
+        pooled = torch.nn.functional.avg_pool3d(features, kernel, stride=1)
+        logits = torch.einsum("bcthw,kc->bkthw", pooled, self.pred.weight)
+        return logits + self.pred.bias.view(1, -1, 1, 1, 1)
+
+    def view_scores(self, x: torch.Tensor, window: int = 7) -> torch.Tensor:
+        """Class probabilities of one test view as the official test computes them: the softmax at
+        each position of :meth:`forward_dense`, averaged over positions. (B, classes)."""
+        return self.forward_dense(x, window).softmax(1).mean((2, 3, 4))
 
 
 def _check_args(depth, inflation, stem, nonlocal_blocks, num_classes) -> None:
