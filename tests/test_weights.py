@@ -1,7 +1,9 @@
 """Weights: official Caffe2 checkpoints built here from the official naming, 2-D inflation, our files."""
 
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -71,9 +73,35 @@ def official_blobs(depth=50, i3d=True, nonlocal_positions=None, classes=400, *, 
     return blobs
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2's cPickle wrote it: str as (SHORT_)BINSTRING bytes, numpy.core names."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_string(self, obj):
+        raw = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_string
+
+    def save_global(self, obj, name=None):
+        module = "numpy" if obj is np.ndarray or obj is np.dtype else obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[type] = save_global
+
+
 def write_pkl(path, blobs):
-    """Pickle as the Python 2 writer did (protocol 2, numpy.core module names)."""
-    data = pickle.dumps({"blobs": blobs}, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    """An official-style .pkl: ``{'blobs': {...}}`` pickled as the Python 2 writer did."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump({"blobs": blobs})
+    data = buffer.getvalue()
+    assert b"_codecs" not in data and b"numpy.core.multiarray\n_reconstruct" in data
     path.write_bytes(data)
     return path
 
@@ -250,3 +278,19 @@ def test_inflated_torchvision_resnet_gives_the_2d_features_on_a_still_clip(name,
     path = tmp_path / "tv.pth"
     torch.save(net.state_dict(), path)
     assert main(["inflate", str(path), str(tmp_path / "out.pt"), "--model", name, "--num-classes", "1000"]) == 0
+
+
+def test_blobs_that_are_not_numeric_arrays_are_refused_by_name(tmp_path):
+    model = create_model("c2d_r50_8x8")
+    with pytest.raises(ValueError, match=r"blobs\['conv1_w'\]: expected a numeric numpy array, got dtype object"):
+        convert_caffe2({"conv1_w": np.array([{}], dtype=object)}, model)
+    with pytest.raises(ValueError, match=r"blobs\['pred_b'\]: expected a numeric numpy array, got str"):
+        convert_caffe2({"pred_b": "abc"}, model)
+    save_weights(model, tmp_path / "w.pt")
+    assert os.stat(tmp_path / "w.pt").st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -121,3 +121,12 @@ def test_overrides_and_errors():
     with pytest.raises(ValueError, match=r"name: unknown model 'i3d_nl5_r5'\. Close matches: i3d_nl5_r50.*Known models: c2d_r50, "):
         create_model("i3d_nl5_r5")
     assert isinstance(create_model("c2d_r50", num_classes=2), ResNet3d)
+
+
+def test_nonlocal_overrides_merge_into_the_card():
+    with torch.device("meta"):
+        model = create_model("i3d_nl5_r50_32x4", nonlocal_options={"mode": "dot_product"},
+                             nonlocal_stage_options={"res4": {"affinity": "space"}})
+    res3, res4 = model.res3[1].nonlocal_block, model.res4[1].nonlocal_block
+    assert res3.mode == res4.mode == "dot_product" and res3.norm is None and res4.norm is None  # frozen-BN: no BN
+    assert res3.group_size == 4 and res4.affinity == "space" and res3.affinity == "spacetime"

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_info)
 
     p = commands.add_parser("models", help="list the zoo: input, size, cost and the paper's and official accuracy")
-    p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d_*_r50'")
+    p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d*_r50'")
     p.set_defaults(handler=_models)
 
     p = commands.add_parser("convert", help="official Caffe2 .pkl checkpoint -> our weights file")

@@ -1,7 +1,8 @@
 """Weights: official Caffe2 checkpoints, 2-D ImageNet inflation, and our own checkpoints.
 
 - :func:`load_caffe2_blobs` reads an official ``.pkl`` (a pickled ``{'blobs': {name: array}}``,
-  shared/PAPER.md §4.4) with an unpickler that only builds numpy arrays: a file cannot run code.
+  shared/PAPER.md §4.4) with an unpickler that resolves only the globals numpy arrays need: a
+  file cannot run code; a blob that is not a numeric array is then refused by name.
 - :func:`convert_caffe2` maps every blob onto a model by the official naming (§4.3): ``conv1_w``
   -> ``conv1.weight``, ``res4_3_branch2a_bn_riv`` -> ``res4.3.branch2a_bn.running_var`` (``_riv``
   holds the variance, not its inverse), ``nonlocal_conv4_3_theta_w`` ->
@@ -237,8 +238,9 @@ def convert_caffe2(blobs: Mapping[str, object], model: nn.Module, *, skip_classi
         if name.endswith("_momentum") or name in _TRAINING_STATE:
             dropped.append(name)
             continue
-        if not isinstance(value, np.ndarray):
-            raise ValueError(f"blobs[{name!r}]: expected a numpy array, got {type(value).__name__}")
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            got = f"dtype {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"blobs[{name!r}]: expected a numeric numpy array, got {got}")
         source[name] = torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
     return _assemble(model, source, caffe2_name, ("running_mean", "running_var"), dropped,
                      skip_shape=lambda key: skip_classifier and key.startswith("pred."))
@@ -295,6 +297,9 @@ def save_weights(weights: nn.Module | Mapping[str, torch.Tensor], path: str | Pa
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -306,7 +311,7 @@ def read_weights(path: str | PathLike) -> dict:
     """The payload of a weights file (ours, or a bare state dict), read with ``weights_only=True``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: no file at {path!r}")
+        raise FileNotFoundError(f"weights: expected a weights file (.pt), no file at {path!r}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle with code, ...: say which file
@@ -317,7 +322,8 @@ def read_weights(path: str | PathLike) -> dict:
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
-        raise ValueError(f"weights: {path} holds no state dict of tensors")
+        raise ValueError(f"weights: expected a state dict of tensors in {path}, got {type(data).__name__}"
+                         + (f" with keys {list(data)[:5]}" if isinstance(data, dict) else ""))
     return {"format": None, "model": None, "state_dict": data, "meta": {}}
 
 

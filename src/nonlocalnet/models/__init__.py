@@ -42,12 +42,19 @@ def create_model(name: str, num_classes: int = 400, *, weights: str | PathLike |
         num_classes: outputs of the classifier.
         weights: a local checkpoint (:func:`nonlocalnet.weights.save_weights` or
             ``nonlocalnet convert`` output) loaded strictly; nothing is downloaded.
-        **overrides: :class:`ResNet3d` arguments replacing the card's, e.g. ``inflation="3x3x3"``,
-            ``dropout=0.0`` or ``nonlocal_options={"mode": "dot_product"}``; a misspelt one raises
-            TypeError.
+        **overrides: :class:`ResNet3d` arguments replacing the card's, e.g. ``inflation="3x3x3"``
+            or ``dropout=0.0``; ``nonlocal_options`` / ``nonlocal_stage_options`` are merged into
+            the card's (``{"mode": "dot_product"}`` keeps a frozen-BN model's ``norm=False``). A
+            misspelt argument raises TypeError.
     """
     card = model_card(name)
-    kwargs = {**card.model_kwargs(), "num_classes": num_classes, **overrides}
+    kwargs = card.model_kwargs()
+    for merged in ("nonlocal_options", "nonlocal_stage_options"):  # keep the card's (frozen-BN) settings
+        if merged in overrides and merged in kwargs:
+            base, extra = kwargs[merged], overrides.pop(merged) or {}
+            kwargs[merged] = ({**base, **extra} if merged == "nonlocal_options" else
+                              {s: {**base.get(s, {}), **extra.get(s, {})} for s in {*base, *extra}})
+    kwargs = {**kwargs, "num_classes": num_classes, **overrides}
     model = ResNet3d(**kwargs)
     if weights is not None:
         from ..weights import load_weights
