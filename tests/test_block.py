@@ -104,6 +104,15 @@ def _configs():
         yield mode, dims, subsample, scale, affinity, norm
 
 
+def _assert_values_and_input_grads_match(actual, expected, x, tol=1e-10):
+    """Outputs, and gradients w.r.t. x under a random output weighting, agree to ``tol``."""
+    assert rel_err(actual, expected) < tol
+    weight = torch.randn_like(expected)
+    (g_exp,) = torch.autograd.grad((expected * weight).sum(), x)
+    (g_act,) = torch.autograd.grad((actual * weight).sum(), x)
+    assert rel_err(g_act, g_exp) < tol
+
+
 def _configs_and_impls():
     for config in _configs():
         folds = [False] if config[0] == "concatenation" else [False, True]
@@ -123,11 +132,7 @@ def test_block_matches_independent_reference(mode, dims, subsample, scale, affin
         scale=width**-0.5 if scale else 1.0, affinity=affinity, norm=norm,
     )
     actual = block(x)
-    assert rel_err(actual, expected) < 1e-10
-    weight = torch.randn_like(expected)
-    (g_exp,) = torch.autograd.grad((expected * weight).sum(), x)
-    (g_act,) = torch.autograd.grad((actual * weight).sum(), x)
-    assert rel_err(g_act, g_exp) < 1e-10
+    _assert_values_and_input_grads_match(actual, expected, x)
 
 
 def _fast_variants():
@@ -301,11 +306,7 @@ def test_time_groups_attend_within_each_group(mode, impl):
         for t in (0, 2, 4)
     ], 2)
     actual = block(x)
-    assert rel_err(actual, expected) < 1e-10
-    weight = torch.randn_like(expected)
-    (g_exp,) = torch.autograd.grad((expected * weight).sum(), x)
-    (g_act,) = torch.autograd.grad((actual * weight).sum(), x)
-    assert rel_err(g_act, g_exp) < 1e-10
+    _assert_values_and_input_grads_match(actual, expected, x)
     block.group_size = None
     whole = block(x)
     assert rel_err(whole, expected) > 1e-3  # the groups do change the result
