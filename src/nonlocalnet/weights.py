@@ -81,8 +81,12 @@ class _Refused(pickle.UnpicklingError):
 class _ArraysOnly(pickle.Unpickler):
     """Resolves only the globals numpy arrays need; anything else is refused before it is looked up."""
 
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self._allowed = _allowed_globals()
+
     def find_class(self, module: str, name: str):
-        allowed = _allowed_globals()
+        allowed = self._allowed
         if (module, name) not in allowed:
             raise _Refused(
                 f"refusing to load global {module}.{name}: an official checkpoint holds only numpy arrays"
@@ -250,8 +254,8 @@ def convert_caffe2(blobs: Mapping[str, object], model: nn.Module, *, skip_classi
 # torchvision 2-D ResNets
 # --------------------------------------------------------------------------------------------
 
-_TV_BRANCH = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "bn1": "branch2a_bn",
-              "bn2": "branch2b_bn", "bn3": "branch2c_bn", "downsample.0": "branch1", "downsample.1": "branch1_bn"}
+_TV_BRANCH = {"branch2a": "conv1", "branch2b": "conv2", "branch2c": "conv3", "branch2a_bn": "bn1",
+              "branch2b_bn": "bn2", "branch2c_bn": "bn3", "branch1": "downsample.0", "branch1_bn": "downsample.1"}
 _TV_TOP = {"conv1": "conv1", "res_conv1_bn": "bn1", "pred": "fc"}
 
 
@@ -260,7 +264,7 @@ def _torchvision_name(module: str, is_norm: bool, param: str) -> str:
         return f"{_TV_TOP[module]}.{param}"
     parts = module.split(".")
     if len(parts) == 3 and parts[0].startswith("res"):  # res4.3.branch2a -> layer3.3.conv1
-        sub = {v: k for k, v in _TV_BRANCH.items()}.get(parts[2], parts[2])
+        sub = _TV_BRANCH.get(parts[2], parts[2])
         return f"layer{int(parts[0][3:]) - 1}.{parts[1]}.{sub}.{param}"
     return f"<none: {module}.{param}>"  # non-local blocks have no 2-D counterpart
 

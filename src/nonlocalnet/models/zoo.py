@@ -221,7 +221,7 @@ def _cards() -> dict[str, ModelCard]:
                 for count in (0, 1, 5, 10):
                     key = (arch, count, depth, setting)
                     name = card_name(*key)
-                    params, weights, gflops, test_gflops = COSTS.get(name, (0, 0, 0.0, 0.0))
+                    params, weights, gflops, test_gflops = COSTS[name]
                     cards[name] = ModelCard(
                         name, arch, depth, count, setting, spec.frames, spec.rate, spec.frozen_bn,
                         PAPER.get(key), OFFICIAL.get(key), params, weights, gflops, test_gflops,
