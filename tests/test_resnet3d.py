@@ -114,7 +114,7 @@ def test_bad_arguments_and_inputs():
         ResNet3d(stem="16x4")
     with pytest.raises(ValueError, match="nonlocal_blocks: expected stage names"):
         ResNet3d(nonlocal_blocks={"res6": (0,)})
-    with pytest.raises(ValueError, match=r"nonlocal_blocks\['res4'\]: expected block indices in 0..5 for R50, got \[6\]"):
+    with pytest.raises(ValueError, match=r"nonlocal_blocks\['res4'\]: expected block indices in 0..5 for res4 of 6 blocks, got \[6\]"):
         ResNet3d(nonlocal_blocks={"res4": (6,)})
     with pytest.raises(TypeError):
         ResNet3d(nonlocal_blocks={"res4": (1,)}, nonlocal_options={"modee": "dot_product"})

@@ -57,15 +57,15 @@ NONLOCAL_PRESETS: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {
 }
 
 
-def inflated_blocks(depth: int) -> dict[str, tuple[int, ...]]:
+def inflated_blocks(depth: int | Sequence[int]) -> dict[str, tuple[int, ...]]:
     """Which residual blocks carry a temporal kernel of 3 in I3D (official ``obtain_arc``): every
-    other block, res2 entirely, res5 only its middle block."""
-    res4 = DEPTHS[depth][2]
+    other block, res2 entirely, res5 only its middle block. ``depth``: 50, 101 or blocks per stage."""
+    counts = DEPTHS[depth] if isinstance(depth, int) else tuple(depth)
     return {
-        "res2": (0, 1, 2),
-        "res3": (0, 2),
-        "res4": tuple(range(0, res4, 2)),
-        "res5": (1,),
+        "res2": tuple(range(counts[0])),
+        "res3": tuple(range(0, counts[1], 2)),
+        "res4": tuple(range(0, counts[2], 2)),
+        "res5": (counts[3] // 2,),
     }
 
 
@@ -145,6 +145,10 @@ class ResNet3d(nn.Module):
         num_classes: outputs of ``pred``.
         dropout: before ``pred`` (0.5 in every paper recipe).
         zero_init_residual: start each ``branch2c_bn`` scale at 0, as the official recipes do.
+        width: channels of the stem; stage k has inner width ``width * 2**k`` and outputs 4x that
+            (64 in the paper; smaller for the built-in CPU job).
+        stage_blocks: residual blocks in res2..res5, overriding ``depth``'s (3, 4, 6, 3) /
+            (3, 4, 23, 3); presets still take their positions from ``depth``.
 
     ``forward`` averages over all remaining positions, so any T, H, W the strides allow works.
     The official test instead slides the training-size pool over the map and scores each position
@@ -163,6 +167,9 @@ class ResNet3d(nn.Module):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         frozen_bn: bool = False,
+        *,
+        width: int = 64,
+        stage_blocks: Sequence[int] | None = None,
     ):
         super().__init__()
         if isinstance(nonlocal_blocks, str):
@@ -170,22 +177,24 @@ class ResNet3d(nn.Module):
                 raise ValueError(f"nonlocal_blocks: expected a mapping or a preset from {tuple(NONLOCAL_PRESETS)}, "
                                  f"got {nonlocal_blocks!r}")
             nonlocal_blocks = NONLOCAL_PRESETS[nonlocal_blocks].get(depth, {})
-        _check_args(depth, inflation, stem, nonlocal_blocks, num_classes)
+        counts = _check_shape(depth, width, stage_blocks)
+        _check_args(depth, inflation, stem, nonlocal_blocks, num_classes, counts)
         for name in nonlocal_stage_options or {}:
             if name not in STAGES:
                 raise ValueError(f"nonlocal_stage_options: expected stage names from {STAGES}, got {name!r}")
         self.depth, self.inflation, self.stem, self.frozen_bn = depth, inflation, stem, bool(frozen_bn)
+        self.width, self.stage_blocks = width, counts
         conv1_stride, pool1_kernel, pool1_stride, pool2 = STEMS[stem]
         t1 = 1 if inflation == "c2d" else 5
-        self.conv1 = nn.Conv3d(3, 64, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
-        self.res_conv1_bn = _norm(64, frozen_bn)
+        self.conv1 = nn.Conv3d(3, width, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
+        self.res_conv1_bn = _norm(width, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride)
         self.pool2 = nn.MaxPool3d(pool2, pool2)
-        inflated = inflated_blocks(depth) if inflation != "c2d" else {}
-        in_channels = 64
-        for index, (name, blocks) in enumerate(zip(STAGES, DEPTHS[depth])):
-            inner = 64 * 2**index
+        inflated = inflated_blocks(counts) if inflation != "c2d" else {}
+        in_channels = width
+        for index, (name, blocks) in enumerate(zip(STAGES, counts)):
+            inner = width * 2**index
             stage = []
             for i in range(blocks):
                 t = 3 if i in inflated.get(name, ()) else 1
@@ -263,9 +272,20 @@ class ResNet3d(nn.Module):
         return self.forward_dense(x, window).softmax(1).mean((2, 3, 4))
 
 
-def _check_args(depth, inflation, stem, nonlocal_blocks, num_classes) -> None:
+def _check_shape(depth, width, stage_blocks) -> tuple[int, ...]:
     if depth not in DEPTHS:
         raise ValueError(f"depth: expected one of {tuple(DEPTHS)}, got {depth!r}")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width: expected a positive int (64 in the paper), got {width!r}")
+    if stage_blocks is None:
+        return DEPTHS[depth]
+    counts = tuple(stage_blocks)
+    if len(counts) != 4 or not all(isinstance(c, int) and c >= 1 for c in counts):
+        raise ValueError(f"stage_blocks: expected 4 positive ints (res2..res5), got {stage_blocks!r}")
+    return counts
+
+
+def _check_args(depth, inflation, stem, nonlocal_blocks, num_classes, counts) -> None:
     if inflation not in INFLATIONS:
         raise ValueError(f"inflation: expected one of {INFLATIONS}, got {inflation!r}")
     if stem not in STEMS:
@@ -275,10 +295,11 @@ def _check_args(depth, inflation, stem, nonlocal_blocks, num_classes) -> None:
     for name, indices in (nonlocal_blocks or {}).items():
         if name not in STAGES:
             raise ValueError(f"nonlocal_blocks: expected stage names from {STAGES}, got {name!r}")
-        count = DEPTHS[depth][STAGES.index(name)]
+        count = counts[STAGES.index(name)]
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < count]
         if bad:
-            raise ValueError(f"nonlocal_blocks[{name!r}]: expected block indices in 0..{count - 1} for R{depth}, got {bad}")
+            raise ValueError(f"nonlocal_blocks[{name!r}]: expected block indices in 0..{count - 1} for "
+                             f"{name} of {count} blocks, got {bad}")
 
 
 def _check_input(x: torch.Tensor) -> None:
