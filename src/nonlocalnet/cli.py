@@ -145,10 +145,116 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(name: str | None) -> str:
+    """A config path, or the name of a recipe shipped in nonlocalnet/configs (default: default)."""
+    from importlib import resources
+
+    if name is not None and (os.path.sep in name or os.path.exists(name)):
+        return name
+    stem = (name or "default").removesuffix(".yaml")
+    path = resources.files("nonlocalnet") / "configs" / f"{stem}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in (resources.files("nonlocalnet") / "configs").iterdir()
+                         if p.name.endswith(".yaml"))
+        raise FileNotFoundError(f"config: expected a YAML file or a shipped recipe ({', '.join(shipped)}), got {name!r}")
+    return str(path)
+
+
+def _logging() -> None:
+    import logging
+
+    from . import distributed
+
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import distributed, engine
+    from .config import load_config
+
+    cfg = load_config(_recipe(args.config), args.set)
+    out = args.out or os.path.join("runs", os.path.basename(args.config or "default").removesuffix(".yaml"))
+    try:
+        distributed.setup()
+        _logging()
+        main = distributed.is_main()
+        summary = engine.train_job(cfg, out, resume=args.resume)
+    except BaseException:
+        distributed.teardown(wait=False)
+        raise
+    distributed.teardown()
+    if main:
+        print(engine.summary_table(summary))
+        print(f"wrote {os.path.join(out, 'summary.json')}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import distributed, engine
+    from .config import load_config
+
+    cfg = load_config(_recipe(args.config), args.set) if args.config else None
+    try:
+        distributed.setup()
+        _logging()
+        main = distributed.is_main()
+        report = engine.evaluate_checkpoint(args.weights, cfg, clips=args.clips, crops=args.crops,
+                                            batch_size=args.batch_size)
+    except BaseException:
+        distributed.teardown(wait=False)
+        raise
+    distributed.teardown()
+    if main:
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .engine import predict
+
+    failed = 0
+    for row in predict(args.videos, args.weights, top=args.top, clips=args.clips, crops=args.crops):
+        if "error" in row:
+            failed += 1
+            print(f"{row['video']}: error: {row['error']}")
+            continue
+        print(row["video"] + ": " + ", ".join(f"{label} {p:.3f}" for label, p in row["top"]))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train (default: the built-in C2D vs non-local job on synthetic videos)")
+    p.add_argument("config", nargs="?", help="YAML config or shipped recipe name (default: default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.005")
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.set_defaults(handler=_train)
+
+    p = commands.add_parser("evaluate", help="multi-view test of a trained checkpoint on data.val")
+    p.add_argument("config", nargs="?", help="config whose data.val to use (default: the checkpoint's)")
+    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--clips", type=int, help="clips per video (default: the config's, paper 10)")
+    p.add_argument("--crops", type=int, choices=(1, 3), help="crops per clip (default: the config's, paper 3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="also write the full report (per-class accuracy, confusion) here")
+    p.set_defaults(handler=_evaluate)
+
+    p = commands.add_parser("predict", help="top labels of videos with a trained checkpoint")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--clips", type=int)
+    p.add_argument("--crops", type=int, choices=(1, 3))
+    p.set_defaults(handler=_predict)
 
     p = commands.add_parser("bench", help="time and check the block's fast paths against the naive reference")
     p.add_argument("--shape", default="res4", help=f"{' | '.join(SHAPES)}, or sizes 'B,C,T,H,W' (default res4)")

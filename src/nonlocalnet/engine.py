@@ -1,0 +1,648 @@
+"""Training and evaluation of video models as the paper does it (shared/PAPER.md §3), on one process
+or many (torchrun).
+
+- :func:`fit` trains one model by iterations: Nesterov SGD, no weight decay on BN (nor, by
+  default, on biases), step or cosine schedule with optional linear warm-up, dropout, AMP on CUDA,
+  gradient accumulation, precise BN before evaluation, an atomic checkpoint every N iterations and
+  at the end, exact ``resume``, JSONL and TensorBoard logs, a progress bar.
+- :func:`evaluate` scores every (clip, crop) view with the fully convolutional test head
+  (:meth:`~nonlocalnet.models.ResNet3d.view_scores`), averages per video across ranks and reports
+  top-1/top-5, per-class accuracy and the confusion matrix, or mAP for multi-label sets.
+- :func:`train_job` is ``nonlocalnet train``: one run, or with ``train.compare_baseline`` the same
+  network with and without its non-local blocks, then ``OUT/summary.json``.
+
+Exactness: every clip's randomness is drawn from a seed that depends only on (seed, epoch,
+position in the epoch) (:class:`ClipSampler`), the data loader has its own generator, and the
+checkpoint holds all RNG states, so a resumed run repeats the uninterrupted one. A global batch is
+cut into the same micro-batches whatever the process count: micro-batch j of a step goes to rank
+j // accumulate, so one process with ``accumulate = k`` computes what k processes do with 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from . import distributed as dist
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, DataConfig, ModelConfig, OptimConfig, to_yaml
+from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, read_charades_csv, read_class_folders,
+                            read_kinetics_csv, read_list)
+from .metrics import classification_report, plot_confusion
+from .models import Affine3d, ResNet3d, create_model
+
+__all__ = ["ClipSampler", "build_model", "build_annotations", "param_groups", "learning_rate", "precise_bn",
+           "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
+           "predict", "load_trained"]
+
+log = logging.getLogger("nonlocalnet")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ClipSampler(Sampler):
+    """Training order: ``(index, seed)`` keys for :class:`VideoDataset`, one global batch after
+    another, this rank's micro-batches only (module docstring). The last incomplete global batch
+    of an epoch is dropped. ``set_epoch(epoch, start_step)`` picks the permutation and where in it
+    to start (a resumed run)."""
+
+    def __init__(self, size: int, batch_size: int, *, accumulate: int = 1, world: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        if batch_size < 1 or accumulate < 1 or batch_size % (world * accumulate):
+            raise ValueError(f"batch_size: expected a multiple of processes x accumulate = {world} x {accumulate}, "
+                             f"got {batch_size}")
+        if size < batch_size:
+            raise ValueError(f"batch_size: expected at most the {size} training videos, got {batch_size}")
+        self.size, self.batch_size, self.accumulate, self.world, self.rank = size, batch_size, accumulate, world, rank
+        self.micro = batch_size // (world * accumulate)
+        self.steps = size // batch_size
+        self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accumulate * self.micro
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        for step in range(self.start, self.steps):
+            for m in range(self.accumulate):
+                first = step * self.batch_size + (self.rank * self.accumulate + m) * self.micro
+                for position in range(first, first + self.micro):
+                    yield int(order[position]), _seed(self.seed, self.epoch, position)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
+    """A zoo model (``cfg.name``) or a ResNet3d from the fields, with ``cfg.weights`` loaded (a
+    classifier of another shape is left at its initialisation: fine-tuning)."""
+    options = {"mode": cfg.nonlocal_mode}
+    if cfg.name:
+        model = create_model(cfg.name, num_classes=num_classes, dropout=cfg.dropout)
+    else:
+        blocks = cfg.nonlocal_preset or {k: tuple(v) for k, v in cfg.nonlocal_blocks.items()}
+        model = ResNet3d(cfg.depth, cfg.inflation, cfg.stem, nonlocal_blocks=blocks or None, nonlocal_options=options,
+                         num_classes=num_classes, dropout=cfg.dropout, width=cfg.width,
+                         stage_blocks=cfg.stage_blocks)
+    if cfg.weights:
+        _load_initial(model, cfg.weights)
+    return model
+
+
+def _load_initial(model: nn.Module, path: str) -> None:
+    from .weights import read_weights
+
+    state = dict(read_weights(path)["state_dict"])
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith("pred.") and k in own and state[k].shape != own[k].shape]:
+        log.info("initial weights: %s has shape %s, the model %s; kept at its initialisation", key,
+                 tuple(state[key].shape), tuple(own[key].shape))
+        del state[key]
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("pred.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"model.weights: {path} does not fit the model: missing {missing[:8]}, unexpected "
+                         f"{result.unexpected_keys[:8]}")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool = False) -> list[dict]:
+    """Weight decay on conv and fc weights (and biases if ``decay_biases``), never on BN / affine
+    parameters (official ``WEIGHT_DECAY_BN 0``), non-local blocks' BN included."""
+    norm = {id(p) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, Affine3d))
+            for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in norm or (name.endswith("bias") and not decay_biases) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(cfg: OptimConfig, iteration: int) -> float:
+    """LR of a (0-based) iteration: steps (x gamma at each of ``cfg.steps``) or cosine to 0, times
+    a linear warm-up over the first ``cfg.warmup`` iterations."""
+    if cfg.schedule == "cosine":
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * iteration / cfg.iterations))
+    elif cfg.schedule == "steps":
+        lr = cfg.lr * cfg.gamma ** sum(iteration >= s for s in cfg.steps)
+    else:
+        raise ValueError(f"optim.schedule: expected 'steps' or 'cosine', got {cfg.schedule!r}")
+    if iteration < cfg.warmup:
+        lr *= (iteration + 1) / cfg.warmup
+    return lr
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return F.cross_entropy(logits.float(), target)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"train.amp: expected 'none', 'bf16' or 'fp16', got {amp!r}")
+    if device.type != "cuda":
+        raise ValueError(f"train.amp: {amp} mixed precision needs a CUDA device, got {device}")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _synthetic(cfg: DataConfig):
+    from .data.synthetic import SyntheticSpec
+
+    if len(cfg.synthetic_size) != 2:
+        raise ValueError(f"data.synthetic_size: expected [height, width], got {cfg.synthetic_size}")
+    spec = SyntheticSpec(train=cfg.synthetic_train, val=cfg.synthetic_val, height=cfg.synthetic_size[0],
+                         width=cfg.synthetic_size[1], frames=cfg.synthetic_frames, seed=cfg.synthetic_seed)
+    if cfg.root:
+        return Path(cfg.root), spec
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nonlocalnet"
+    key = "-".join(str(v) for v in (spec.train, spec.val, spec.height, spec.width, spec.frames, spec.seed))
+    return cache / f"synthetic-{key}", spec
+
+
+def build_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
+    """Training and validation annotations of ``cfg.dataset`` (validation uses training's classes)."""
+    kind = cfg.dataset
+    if kind == "synthetic":
+        from .data.synthetic import make_synthetic
+
+        root, spec = _synthetic(cfg)
+        if dist.is_main():
+            make_synthetic(root, spec, log=log.info)
+        if dist.world_size() > 1:
+            torch.distributed.barrier()
+        return (read_list(root / "train.txt", classes=root / "classes.txt"),
+                read_list(root / "val.txt", classes=root / "classes.txt"))
+    for name in ("train", "val"):
+        if not getattr(cfg, name):
+            raise ValueError(f"data.{name}: dataset {kind!r} needs an annotation file (or folder), got nothing")
+    classes = cfg.classes or None
+    if kind == "list":
+        train = read_list(cfg.train, cfg.root or None, classes)
+        return train, read_list(cfg.val, cfg.root or None, train.classes)
+    if kind == "kinetics":
+        train = read_kinetics_csv(cfg.train, cfg.root, classes)
+        return train, read_kinetics_csv(cfg.val, cfg.root, train.classes)
+    if kind == "folders":
+        train, val = read_class_folders(cfg.train), read_class_folders(cfg.val)
+        if val.classes != train.classes:
+            raise ValueError(f"data.val: class folders {val.classes[:5]}... differ from data.train's")
+        return train, val
+    if kind == "charades":
+        train = read_charades_csv(cfg.train, cfg.root, classes)
+        return train, read_charades_csv(cfg.val, cfg.root, train.classes)
+    raise ValueError(f"data.dataset: expected synthetic, list, kinetics, folders or charades, got {kind!r}")
+
+
+def _train_dataset(annotations: Annotations, cfg: DataConfig) -> VideoDataset:
+    return VideoDataset(annotations, "train", frames=cfg.frames, rate=cfg.rate, scales=tuple(cfg.scales),
+                        crop_size=cfg.crop, flip=cfg.flip)
+
+
+def eval_dataset(annotations: Annotations, cfg: DataConfig, clips: int | None = None,
+                  crops: int | None = None) -> VideoDataset:
+    return VideoDataset(annotations, "test", frames=cfg.frames, rate=cfg.rate, test_scale=cfg.test_scale,
+                        test_crop=cfg.test_crop, clips=clips or cfg.test_clips, crops=crops or cfg.test_crops)
+
+
+def _loader(dataset, batch_size: int, sampler, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
+                      multiprocessing_context="fork" if workers and os.name == "posix" else None)
+
+
+def _report_skipped(skipped, seen: set) -> int:
+    for item in skipped:
+        if item.path not in seen:
+            seen.add(item.path)
+            log.warning("skipped video %s: %s", item.path, item.reason)
+    return len(skipped)
+
+
+# --------------------------------------------------------------------------------------- precise BN
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches, device: torch.device, amp: str = "none") -> int:
+    """Re-estimate every BatchNorm's statistics as the plain average of the batch statistics over
+    ``batches`` (official precise BN), averaged across ranks. The RNG is left as it was."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    training = model.training
+    model.train()
+    count = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in batches:
+            if "clip" not in batch:
+                continue
+            with _autocast(amp, device):
+                model(batch["clip"].to(device, non_blocking=True))
+            count += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    if dist.world_size() > 1:
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce_sum(buffer)
+                buffer /= dist.world_size()
+    model.train(training)
+    return count
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+def _view_probabilities(model: ResNet3d, clips: torch.Tensor, window: int, multilabel: bool) -> torch.Tensor:
+    if multilabel:
+        return torch.sigmoid(model.forward_dense(clips, window).float()).mean((2, 3, 4))
+    return model.forward_dense(clips, window).float().softmax(1).mean((2, 3, 4))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, workers: int = 0,
+             device: torch.device | str = "cpu", window: int = 7, amp: str = "none") -> dict:
+    """Average the class probabilities of every view of each video (this rank scores every
+    world-size-th item) and gather them. Returns ``scores`` (videos, classes), ``views`` per
+    video, ``targets`` and the ``skipped`` views."""
+    device = torch.device(device)
+    net = _unwrap(model)
+    net.eval()
+    videos, classes = len(dataset.records), dataset.num_classes
+    per_item = torch.zeros(len(dataset), classes, dtype=torch.float64)
+    seen = torch.zeros(len(dataset), dtype=torch.float64)
+    items = list(range(dist.rank(), len(dataset), dist.world_size()))
+    skipped, names = 0, set()
+    for batch in _loader(dataset, batch_size, items, workers):
+        skipped += _report_skipped(batch["skipped"], names)
+        if "clip" not in batch:
+            continue
+        clips = batch["clip"].to(device, non_blocking=True)  # (B, crops, 3, T, S, S)
+        with _autocast(amp, device):
+            probs = _view_probabilities(net, clips.flatten(0, 1), window, dataset.multilabel)
+        probs = probs.view(clips.shape[0], clips.shape[1], -1).mean(1).double().cpu()
+        index = batch["video"] * dataset.clips + batch["view"]
+        per_item[index] = probs
+        seen[index] = 1.0
+    dist.all_reduce_sum(per_item)
+    dist.all_reduce_sum(seen)
+    by_video = per_item.view(videos, dataset.clips, classes).sum(1)
+    views = seen.view(videos, dataset.clips).sum(1)
+    scores = by_video / views.clamp(min=1).unsqueeze(1)
+    targets = torch.stack([dataset.target(v) for v in range(videos)]) if videos else torch.zeros(0)
+    skipped = int(dist.all_reduce_sum(torch.tensor(float(skipped))).item())
+    return {"scores": scores, "views": views, "targets": targets, "skipped": skipped}
+
+
+def evaluation_report(result: dict, multilabel: bool) -> dict:
+    scored = result["views"] > 0
+    report = classification_report(result["scores"][scored], result["targets"][scored], multilabel)
+    report["videos_without_views"] = int((~scored).sum())
+    report["skipped_views"] = result["skipped"]
+    return report
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class _Logger:
+    """JSONL (always), TensorBoard (if wanted and installed), on rank 0 only."""
+
+    def __init__(self, out: Path, tensorboard: bool | None, resume_at: int | None):
+        self.main = dist.is_main()
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not self.main:
+            return
+        if resume_at is not None and self.path.exists():  # drop what was logged after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("iteration", 0) <= resume_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_at is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard is not False:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                if tensorboard:
+                    raise ImportError("train.tensorboard: needs TensorBoard: pip install 'nonlocalnet[tensorboard]'") \
+                        from None
+            else:
+                self.writer = SummaryWriter(os.fspath(out / "tensorboard"), purge_step=resume_at)
+
+    def __call__(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key not in ("iteration", "kind") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not (enabled and dist.is_main()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, disable=None)
+
+
+def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str = "") -> dict:
+    """Train ``cfg`` into ``out`` (checkpoint.pt, metrics.jsonl, tensorboard/, config.yaml,
+    result.json, confusion.png) and evaluate it; returns the evaluation report."""
+    out = Path(out)
+    device = dist.setup()
+    world, rank = dist.world_size(), dist.rank()
+    train_ann, val_ann = build_annotations(cfg.data)
+    for split, ann in (("train", train_ann), ("val", val_ann)):
+        if ann.missing:
+            log.warning("%s: %d annotated videos not found, e.g. %s", split, len(ann.missing), ann.missing[:3])
+    multilabel = train_ann.multilabel
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, len(train_ann.classes)).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases),
+                                lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    checkpoint_path = out / "checkpoint.pt"
+    iteration, skipped_total = 0, 0
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"out: {out} already holds a run (checkpoint.pt); pass --resume to continue it or "
+                         f"choose another --out")
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iteration, skipped_total = state["iteration"], state["skipped"]
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if state["classes"] != train_ann.classes:
+            raise ValueError(f"resume: the checkpoint's classes differ from the data's ({len(state['classes'])} vs "
+                             f"{len(train_ann.classes)})")
+        log.info("%sresuming %s at iteration %d", f"{name}: " if name else "", checkpoint_path, iteration)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_set = _train_dataset(train_ann, cfg.data)
+    sampler = ClipSampler(len(train_set), cfg.optim.batch_size, accumulate=cfg.optim.accumulate, world=world,
+                          rank=rank, seed=cfg.train.seed)
+    loader = _loader(train_set, sampler.micro, sampler, cfg.data.workers)
+    logger = _Logger(out, cfg.train.tensorboard, iteration if resume else None)
+    bar = _progress(cfg.optim.iterations, iteration, cfg.train.progress, name or "train")
+    names: set = set()
+    window = max(1, cfg.data.crop // 32)
+    result = None
+    meter = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, clips
+    tick, data_time = time.perf_counter(), 0.0
+    try:
+        while iteration < cfg.optim.iterations:
+            epoch, start = divmod(iteration, sampler.steps)
+            sampler.set_epoch(epoch, start)
+            batches = iter(loader)
+            for _ in range(start, sampler.steps):
+                if iteration >= cfg.optim.iterations:
+                    break
+                lr = learning_rate(cfg.optim, iteration)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                net.train()
+                optimizer.zero_grad(set_to_none=True)
+                for m in range(sampler.accumulate):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    data_time += time.perf_counter() - t0
+                    skipped_total += _report_skipped(batch["skipped"], names)
+                    if "clip" not in batch:
+                        if world > 1:
+                            raise RuntimeError("a whole micro-batch of unreadable videos under torchrun: "
+                                               "fix or drop those videos (named above)")
+                        continue
+                    clips, target = batch["clip"].to(device, non_blocking=True), batch["target"].to(device)
+                    sync = m == sampler.accumulate - 1 or world == 1
+                    with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
+                        logits = net(clips)
+                        loss = _loss(logits, target, multilabel)
+                    scaler.scale(loss / sampler.accumulate).backward()
+                    meter += torch.tensor([loss.item() * len(clips), 0.0 if multilabel else
+                                           (logits.argmax(1) == target).sum().item(), len(clips)], dtype=torch.float64)
+                scaler.step(optimizer)
+                scaler.update()
+                iteration += 1
+                if bar is not None:
+                    bar.update(1)
+                last = iteration == cfg.optim.iterations
+                if iteration % cfg.train.log_every == 0 or last:
+                    dist.all_reduce_sum(meter)
+                    elapsed = time.perf_counter() - tick
+                    record = {"iteration": iteration, "epoch": epoch, "lr": lr,
+                              "loss": meter[0].item() / max(meter[2].item(), 1),
+                              "clips_per_s": meter[2].item() / max(elapsed, 1e-9),
+                              "data_s_per_iter": data_time / cfg.train.log_every, "skipped": skipped_total}
+                    if not multilabel:
+                        record["top1"] = meter[1].item() / max(meter[2].item(), 1)
+                    logger(record)
+                    if bar is not None and not bar.disable:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
+                    elif dist.is_main():
+                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f clips/s", name or "train", iteration,
+                                 cfg.optim.iterations, record["loss"], lr, record["clips_per_s"])
+                    meter.zero_()
+                    tick, data_time = time.perf_counter(), 0.0
+                evaluate_now = last or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0)
+                if evaluate_now:
+                    result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
+                    logger({"iteration": iteration, "kind": "val",
+                            **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+                if last or iteration % cfg.train.checkpoint_every == 0:
+                    _save(checkpoint_path, model, optimizer, scaler, iteration, skipped_total, cfg, train_ann)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    if result is None:  # resumed a finished run
+        result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
+    result["skipped_train_clips"] = skipped_total
+    result["classes"] = train_ann.classes
+    if dist.is_main():
+        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        if "confusion" in result:
+            try:
+                plot_confusion(result["confusion"], train_ann.classes, out / "confusion.png", title=name or "")
+            except ImportError as err:
+                log.warning("no confusion picture: %s", err)
+    return result
+
+
+def _evaluate_run(net, cfg: Config, train_set, val_ann, device, window, iteration) -> dict:
+    model = _unwrap(net)
+    if cfg.train.precise_bn:
+        sampler = ClipSampler(len(train_set), cfg.optim.batch_size, accumulate=cfg.optim.accumulate,
+                              world=dist.world_size(), rank=dist.rank(), seed=_seed(cfg.train.seed, 1, iteration))
+        batches = _batches(sampler, train_set, cfg.data.workers, cfg.train.precise_bn * sampler.accumulate)
+        precise_bn(model, batches, device, cfg.train.amp)
+    result = evaluate(model, eval_dataset(val_ann, cfg.data), batch_size=max(1, cfg.optim.batch_size //
+                      (dist.world_size() * cfg.optim.accumulate)), workers=cfg.data.workers, device=device,
+                      window=window, amp=cfg.train.amp)
+    return {"iteration": iteration, **evaluation_report(result, val_ann.multilabel)}
+
+
+def _batches(sampler: ClipSampler, dataset, workers: int, limit: int):
+    """The first ``limit`` micro-batches of the sampler's epochs 0, 1, ..."""
+    count, epoch = 0, 0
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in _loader(dataset, sampler.micro, sampler, workers):
+            if count == limit:
+                return
+            count += 1
+            yield batch
+        epoch += 1
+
+
+def _save(path, model, optimizer, scaler, iteration, skipped, cfg, annotations) -> None:
+    states = [rng_state()]
+    if dist.world_size() > 1:
+        states = [None] * dist.world_size()
+        torch.distributed.all_gather_object(states, rng_state())
+    if dist.is_main():
+        save_checkpoint(path, {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "iteration": iteration, "skipped": skipped,
+                               "rng": states, "config": to_yaml(cfg), "classes": list(annotations.classes),
+                               "multilabel": annotations.multilabel})
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+
+def _without_nonlocal(cfg: Config) -> Config:
+    base = copy.deepcopy(cfg)
+    if base.model.name:
+        raise ValueError("train.compare_baseline: needs a model built from fields (model.name empty)")
+    base.model.nonlocal_blocks, base.model.nonlocal_preset = {}, ""
+    return base
+
+
+def train_job(cfg: Config, out: str | os.PathLike, *, resume: bool = False) -> dict:
+    """``nonlocalnet train``: one run into ``out``, or with ``train.compare_baseline`` the network
+    without (``out/baseline``) and with (``out/nonlocal``) its non-local blocks. Writes and
+    returns ``out/summary.json``: per run top1 / top5 (or mAP) and the others' numbers."""
+    out = Path(out)
+    runs = {"baseline": _without_nonlocal(cfg), "nonlocal": cfg} if cfg.train.compare_baseline else {"model": cfg}
+    summary = {}
+    for name, run_cfg in runs.items():
+        folder = out / name if cfg.train.compare_baseline else out
+        done = folder / "result.json"
+        if resume and done.exists() and (folder / "config.yaml").read_text() == to_yaml(run_cfg):
+            result = json.loads(done.read_text())
+            log.info("%s: finished before, result read from %s", name, done)
+        else:
+            result = fit(run_cfg, folder, resume=resume, name=name)
+        keep = ("top1", "top5", "mean_class_accuracy", "mAP", "videos", "videos_without_views", "skipped_views",
+                "skipped_train_clips")
+        summary[name] = {k: result[k] for k in keep if k in result}
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    metrics = [m for m in ("top1", "top5", "mean_class_accuracy", "mAP") if any(m in r for r in summary.values())]
+    lines = [f"{'model':<10}" + "".join(f"{m:>21}" for m in metrics)]
+    for name, row in summary.items():
+        lines.append(f"{name:<10}" + "".join(f"{row.get(m, float('nan')):>21.3f}" for m in metrics))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ trained models
+
+
+def load_trained(path: str | os.PathLike, overrides: dict | None = None) -> tuple[ResNet3d, Config, list[str]]:
+    """A model from a training checkpoint, with its configuration and class names."""
+    from omegaconf import OmegaConf
+
+    state = load_checkpoint(path)
+    for key in ("model", "config", "classes"):
+        if key not in state:
+            raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet training checkpoint (no {key!r})")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"])))
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.weights = ""
+    model = build_model(model_cfg, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, list(state["classes"])
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None, *, clips: int | None = None,
+                        crops: int | None = None, batch_size: int = 8) -> dict:
+    """``nonlocalnet evaluate``: the multi-view test of a training checkpoint on ``cfg.data.val``
+    (default: the configuration saved in the checkpoint)."""
+    model, saved, classes = load_trained(checkpoint)
+    cfg = cfg or saved
+    device = dist.setup()
+    _, val = build_annotations(cfg.data)
+    if val.classes != classes:
+        raise ValueError(f"weights: the model's {len(classes)} classes differ from data.val's {len(val.classes)}")
+    result = evaluate(model.to(device), eval_dataset(val, cfg.data, clips, crops), batch_size=batch_size,
+                      workers=cfg.data.workers, device=device, window=max(1, cfg.data.crop // 32))
+    return evaluation_report(result, val.multilabel)
+
+
+def predict(paths, checkpoint: str | os.PathLike, *, top: int = 5, clips: int | None = None,
+            crops: int | None = None) -> list[dict]:
+    """Top-``top`` labels with their probabilities for each video, as the trained model's test."""
+    model, cfg, classes = load_trained(checkpoint)
+    records = [VideoRecord(os.fspath(p), ()) for p in paths]
+    annotations = Annotations(records, classes, False)
+    dataset = eval_dataset(annotations, cfg.data, clips, crops)
+    result = evaluate(model, dataset, batch_size=4, window=max(1, cfg.data.crop // 32))
+    rows = []
+    for path, scores, views in zip(paths, result["scores"], result["views"]):
+        if views == 0:
+            rows.append({"video": os.fspath(path), "error": "no view could be decoded", "top": []})
+            continue
+        values, indices = scores.topk(min(top, len(classes)))
+        rows.append({"video": os.fspath(path), "top": [(classes[i], v) for v, i in zip(values.tolist(),
+                                                                                       indices.tolist())]})
+    return rows
+
