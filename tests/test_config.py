@@ -68,3 +68,25 @@ def test_paper_recipes_name_zoo_models_with_their_inputs():
         assert (cfg.optim.lr, cfg.optim.batch_size) in {(0.01, 64), (0.0025, 16), (0.00125, 8)}, path.name
         assert (cfg.train.precise_bn == 0) == card.frozen_bn, path.name
         assert cfg.data.dataset == ("charades" if "charades" in path.name else "kinetics")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.log_every=0", "train.log_every: expected a positive int, got 0"),
+    ("train.precise_bn=-1", "train.precise_bn: expected an int >= 0, got -1"),
+    ("data.test_crops=2", "data.test_crops: expected 1 or 3, got 2"),
+    ("data.scales=[200,320]", r"data.scales: expected \[low, high\] with data.crop \(224\) <= low <= high"),
+    ("model.dropout=1.0", r"model.dropout: expected a probability in \[0, 1\), got 1.0"),
+    ("train.amp=fp8", "train.amp: expected none, bf16 or fp16, got 'fp8'"),
+])
+def test_unusable_values_are_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_overrides_on_a_saved_config():
+    from nonlocalnet.config import merge_overrides
+
+    cfg = merge_overrides(load_config(), ["data.val=other.csv", "data.test_clips=2"])
+    assert cfg.data.val == "other.csv" and cfg.data.test_clips == 2
+    with pytest.raises(ValueError, match=r"overrides: .*\(key: data.nope\)"):
+        merge_overrides(cfg, ["data.nope=1"])

@@ -227,3 +227,12 @@ def test_make_synthetic_writes_once_and_reads_back(tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty and holds no synthetic set"):
         make_synthetic(tmp_path / "other", spec)
+
+
+def test_synthetic_set_is_the_same_bytes_every_time(tmp_path):
+    spec = SyntheticSpec(train=4, val=2, height=48, width=64, frames=8, seed=5)
+    a = make_synthetic(tmp_path / "a", spec, log=lambda *x: None)
+    b = make_synthetic(tmp_path / "b", spec, log=lambda *x: None)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.mp4"))
+    assert len(files) == 6
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

@@ -62,3 +62,21 @@ def test_cuda_softmax_attention_never_holds_the_affinity():
     softmax_attention(q, k, v, scale=0.125).sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_training_with_mixed_precision(tmp_path, amp):
+    pytest.importorskip("av")
+    from test_engine import SPEC, tiny_config
+
+    from nonlocalnet import engine
+    from nonlocalnet.data.synthetic import make_synthetic
+
+    root = make_synthetic(tmp_path / "syn", SPEC, log=lambda *a: None)
+    result = engine.fit(tiny_config(root, **{"train.amp": amp}), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values() if v.is_floating_point())
+    assert 0 <= result["top1"] <= 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all("NaN" not in line for line in lines)
+

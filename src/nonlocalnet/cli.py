@@ -199,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         distributed.setup()
         _logging()
         main = distributed.is_main()
-        report = engine.evaluate_checkpoint(args.weights, cfg, clips=args.clips, crops=args.crops,
+        report = engine.evaluate_checkpoint(args.weights, cfg, args.set, clips=args.clips, crops=args.crops,
                                             batch_size=args.batch_size)
     except BaseException:
         distributed.teardown(wait=False)
@@ -226,6 +226,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
@@ -242,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="config whose data.val to use (default: the checkpoint's)")
     p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--clips", type=int, help="clips per video (default: the config's, paper 10)")
+    p.add_argument("--clips", type=_positive, help="clips per video (default: the config's, paper 10)")
     p.add_argument("--crops", type=int, choices=(1, 3), help="crops per clip (default: the config's, paper 3)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="also write the full report (per-class accuracy, confusion) here")
@@ -251,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="top labels of videos with a trained checkpoint")
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--clips", type=int)
+    p.add_argument("--top", type=_positive, default=5)
+    p.add_argument("--clips", type=_positive)
     p.add_argument("--crops", type=int, choices=(1, 3))
     p.set_defaults(handler=_predict)
 

@@ -11,7 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "load_config", "to_yaml"]
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "load_config", "check_config",
+           "merge_overrides", "to_yaml"]
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"  # synthetic | list | kinetics | folders | charades
-    root: str = ""  # videos (synthetic: where the set is written; default OUT/../synthetic-data)
+    root: str = ""  # videos (synthetic: where the set is written; default ~/.cache/nonlocalnet/synthetic-*)
     train: str = ""  # annotation file (folders: the training root)
     val: str = ""
     classes: str = ""  # class-name file; default from the annotations
@@ -91,8 +92,39 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def check_config(cfg: Config) -> Config:
+    """Values a run cannot use, named by their key."""
+    positive = {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
+                "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
+                "data.test_clips": cfg.data.test_clips, "optim.batch_size": cfg.optim.batch_size,
+                "optim.accumulate": cfg.optim.accumulate, "optim.iterations": cfg.optim.iterations,
+                "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
+                "model.width": cfg.model.width}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key}: expected a positive int, got {value}")
+    for key, value in {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
+                       "train.eval_every": cfg.train.eval_every, "optim.warmup": cfg.optim.warmup}.items():
+        if value < 0:
+            raise ValueError(f"{key}: expected an int >= 0, got {value}")
+    if cfg.data.test_crops not in (1, 3):
+        raise ValueError(f"data.test_crops: expected 1 or 3, got {cfg.data.test_crops}")
+    if len(cfg.data.scales) != 2 or not 0 < cfg.data.scales[0] <= cfg.data.scales[1] or cfg.data.crop > cfg.data.scales[0]:
+        raise ValueError(f"data.scales: expected [low, high] with data.crop ({cfg.data.crop}) <= low <= high, "
+                         f"got {cfg.data.scales}")
+    if cfg.data.test_crop > cfg.data.test_scale:
+        raise ValueError(f"data.test_crop: expected at most data.test_scale ({cfg.data.test_scale}), "
+                         f"got {cfg.data.test_crop}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ValueError(f"model.dropout: expected a probability in [0, 1), got {cfg.model.dropout}")
+    if cfg.train.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"train.amp: expected none, bf16 or fp16, got {cfg.train.amp!r}")
+    return cfg
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``optim.lr=0.005``)."""
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``optim.lr=0.005``);
+    checked with :func:`check_config`."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -106,10 +138,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if bad:
             raise ValueError(f"overrides: expected key=value, got {bad}")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         source = f" in {os.fspath(path)}" if path is not None else ""
         raise ValueError(f"config{source}: {str(err).splitlines()[0]} (key: {getattr(err, 'full_key', '?')})") from None
+    return check_config(config)
+
+
+def merge_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """``key=value`` overrides on an existing configuration (a checkpoint's)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides: expected key=value, got {bad}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"overrides: {str(err).splitlines()[0]} (key: {getattr(err, 'full_key', '?')})") from None
+    return check_config(config)
 
 
 def to_yaml(config: Config) -> str:

@@ -1,7 +1,8 @@
 """Process groups under torchrun: set up from the environment, tear down cleanly, reduce tensors.
 
 A plain ``python`` run is a world of one and every helper is then a no-op. Under ``torchrun``
-(``WORLD_SIZE`` > 1) :func:`setup` joins the group: NCCL when CUDA is available, gloo otherwise.
+(``WORLD_SIZE`` > 1) :func:`setup` joins the group: NCCL for CUDA tensors and gloo for CPU ones
+when CUDA is available, gloo alone otherwise.
 :func:`teardown` waits for every rank and then destroys the group; leaving a gloo group to the
 interpreter's exit destroys it while its worker threads still run, and the C++ runtime then
 aborts the process ("terminate called without an active exception", SIGABRT): with torch 2.13.0
@@ -26,7 +27,8 @@ def setup(device: str | None = None) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        # NCCL for CUDA tensors, gloo for the CPU ones (metric sums, gathered scores, RNG states)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 

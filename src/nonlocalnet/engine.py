@@ -28,6 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, DataConfig, ModelConfig, OptimConfig, to_yaml
+from .config import Config, DataConfig, ModelConfig, OptimConfig, merge_overrides, to_yaml
 from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, read_charades_csv, read_class_folders,
                             read_kinetics_csv, read_list)
 from .metrics import classification_report, plot_confusion
@@ -62,11 +63,13 @@ class ClipSampler(Sampler):
 
     def __init__(self, size: int, batch_size: int, *, accumulate: int = 1, world: int = 1, rank: int = 0,
                  seed: int = 0, shuffle: bool = True):
-        if batch_size < 1 or accumulate < 1 or batch_size % (world * accumulate):
-            raise ValueError(f"batch_size: expected a multiple of processes x accumulate = {world} x {accumulate}, "
-                             f"got {batch_size}")
+        if accumulate < 1:
+            raise ValueError(f"optim.accumulate: expected a positive int, got {accumulate}")
+        if batch_size < 1 or batch_size % (world * accumulate):
+            raise ValueError(f"optim.batch_size: expected a multiple of processes x optim.accumulate = {world} x "
+                             f"{accumulate}, got {batch_size}")
         if size < batch_size:
-            raise ValueError(f"batch_size: expected at most the {size} training videos, got {batch_size}")
+            raise ValueError(f"optim.batch_size: expected at most the {size} training videos, got {batch_size}")
         self.size, self.batch_size, self.accumulate, self.world, self.rank = size, batch_size, accumulate, world, rank
         self.micro = batch_size // (world * accumulate)
         self.steps = size // batch_size
@@ -187,14 +190,32 @@ def _synthetic(cfg: DataConfig):
 
 
 def build_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
-    """Training and validation annotations of ``cfg.dataset`` (validation uses training's classes)."""
+    """Training and validation annotations of ``cfg.dataset``; validation takes training's classes
+    and its single- or multi-label kind. Single-label sets must label every entry."""
+    train, val = _read_annotations(cfg)
+    val.multilabel = train.multilabel = train.multilabel or val.multilabel
+    for split, ann in (("train", train), ("val", val)):
+        if not ann.records:
+            found = f"; none of its {len(ann.missing)} videos was found (data.root: {cfg.root!r})" if ann.missing else ""
+            raise ValueError(f"data.{split}: no usable entries{found}")
+        unlabelled = [r.path for r in ann.records if not r.labels]
+        if unlabelled and not ann.multilabel:
+            raise ValueError(f"data.{split}: {len(unlabelled)} entries have no label, e.g. {unlabelled[0]!r}; "
+                             f"training and validation need labels")
+    return train, val
+
+
+def _read_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
     kind = cfg.dataset
     if kind == "synthetic":
         from .data.synthetic import make_synthetic
 
         root, spec = _synthetic(cfg)
         if dist.is_main():
-            make_synthetic(root, spec, log=log.info)
+            try:
+                make_synthetic(root, spec, log=log.info)
+            except ValueError as err:
+                raise ValueError(f"data.root / data.synthetic_*: {err}") from None
         if dist.world_size() > 1:
             torch.distributed.barrier()
         return (read_list(root / "train.txt", classes=root / "classes.txt"),
@@ -231,9 +252,10 @@ def eval_dataset(annotations: Annotations, cfg: DataConfig, clips: int | None = 
                         test_crop=cfg.test_crop, clips=clips or cfg.test_clips, crops=crops or cfg.test_crops)
 
 
-def _loader(dataset, batch_size: int, sampler, workers: int) -> DataLoader:
+def _loader(dataset, batch_size: int, sampler, workers: int, persistent: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
+                      persistent_workers=persistent and workers > 0,
                       multiprocessing_context="fork" if workers and os.name == "posix" else None)
 
 
@@ -299,8 +321,8 @@ def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, wo
     net = _unwrap(model)
     net.eval()
     videos, classes = len(dataset.records), dataset.num_classes
-    per_item = torch.zeros(len(dataset), classes, dtype=torch.float64)
-    seen = torch.zeros(len(dataset), dtype=torch.float64)
+    totals = torch.zeros(videos, classes, dtype=torch.float64)
+    views = torch.zeros(videos, dtype=torch.float64)
     items = list(range(dist.rank(), len(dataset), dist.world_size()))
     skipped, names = 0, set()
     for batch in _loader(dataset, batch_size, items, workers):
@@ -311,14 +333,11 @@ def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, wo
         with _autocast(amp, device):
             probs = _view_probabilities(net, clips.flatten(0, 1), window, dataset.multilabel)
         probs = probs.view(clips.shape[0], clips.shape[1], -1).mean(1).double().cpu()
-        index = batch["video"] * dataset.clips + batch["view"]
-        per_item[index] = probs
-        seen[index] = 1.0
-    dist.all_reduce_sum(per_item)
-    dist.all_reduce_sum(seen)
-    by_video = per_item.view(videos, dataset.clips, classes).sum(1)
-    views = seen.view(videos, dataset.clips).sum(1)
-    scores = by_video / views.clamp(min=1).unsqueeze(1)
+        totals.index_add_(0, batch["video"], probs)  # in item order: the same sums every run
+        views.index_add_(0, batch["video"], torch.ones(len(probs), dtype=torch.float64))
+    dist.all_reduce_sum(totals)
+    dist.all_reduce_sum(views)
+    scores = totals / views.clamp(min=1).unsqueeze(1)
     targets = torch.stack([dataset.target(v) for v in range(videos)]) if videos else torch.zeros(0)
     skipped = int(dist.all_reduce_sum(torch.tensor(float(skipped))).item())
     return {"scores": scores, "views": views, "targets": targets, "skipped": skipped}
@@ -345,9 +364,14 @@ class _Logger:
         if not self.main:
             return
         if resume_at is not None and self.path.exists():  # drop what was logged after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("iteration", 0) <= resume_at]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("iteration", 0) <= resume_at:
+                        kept.append(line)
+                except ValueError:  # a line torn by the interruption
+                    pass
+            _write_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_at is None and self.path.exists():
             self.path.unlink()
         if tensorboard is not False:
@@ -402,7 +426,8 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
                                 lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     checkpoint_path = out / "checkpoint.pt"
-    iteration, skipped_total = 0, 0
+    iteration, skipped = 0, 0  # skipped: this rank's unreadable training clips
+    meter = torch.zeros(3, dtype=torch.float64)  # since the last log record: loss sum, correct, clips
     if checkpoint_path.exists() and not resume:
         raise ValueError(f"out: {out} already holds a run (checkpoint.pt); pass --resume to continue it or "
                          f"choose another --out")
@@ -410,13 +435,19 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        iteration, skipped_total = state["iteration"], state["skipped"]
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if state["scaler"]:  # empty when the run so far had no fp16 scaler
+            scaler.load_state_dict(state["scaler"])
+        iteration = state["iteration"]
+        own = rank if rank < len(state["rng"]) else 0
+        set_rng_state(state["rng"][own])
+        if rank < len(state["skipped"]):  # another process count restarts the counts and the log window
+            skipped, meter = state["skipped"][rank], state["meter"][rank].clone()
         if state["classes"] != train_ann.classes:
             raise ValueError(f"resume: the checkpoint's classes differ from the data's ({len(state['classes'])} vs "
                              f"{len(train_ann.classes)})")
         log.info("%sresuming %s at iteration %d", f"{name}: " if name else "", checkpoint_path, iteration)
+        if state["config"] != to_yaml(cfg):
+            log.warning("resume: the configuration differs from the checkpoint's; the run goes on with the new one")
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -424,14 +455,14 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
     train_set = _train_dataset(train_ann, cfg.data)
     sampler = ClipSampler(len(train_set), cfg.optim.batch_size, accumulate=cfg.optim.accumulate, world=world,
                           rank=rank, seed=cfg.train.seed)
-    loader = _loader(train_set, sampler.micro, sampler, cfg.data.workers)
+    loader = _loader(train_set, sampler.micro, sampler, cfg.data.workers, persistent=True)
     logger = _Logger(out, cfg.train.tensorboard, iteration if resume else None)
     bar = _progress(cfg.optim.iterations, iteration, cfg.train.progress, name or "train")
     names: set = set()
     window = max(1, cfg.data.crop // 32)
     result = None
-    meter = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, clips
-    tick, data_time = time.perf_counter(), 0.0
+    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
+    started, first_iteration = tick, iteration
     try:
         while iteration < cfg.optim.iterations:
             epoch, start = divmod(iteration, sampler.steps)
@@ -445,27 +476,36 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
                     group["lr"] = lr
                 net.train()
                 optimizer.zero_grad(set_to_none=True)
+                backward = False
                 for m in range(sampler.accumulate):
                     t0 = time.perf_counter()
                     batch = next(batches)
                     data_time += time.perf_counter() - t0
-                    skipped_total += _report_skipped(batch["skipped"], names)
-                    if "clip" not in batch:
-                        if world > 1:
-                            raise RuntimeError("a whole micro-batch of unreadable videos under torchrun: "
-                                               "fix or drop those videos (named above)")
+                    skipped += _report_skipped(batch["skipped"], names)
+                    sync = m == sampler.accumulate - 1 or world == 1
+                    if "clip" not in batch:  # every clip of this micro-batch was unreadable
+                        if world == 1:
+                            continue
+                        # the other ranks wait for this one's gradients: contribute zeros
+                        size = (1, 3, cfg.data.frames, cfg.data.crop, cfg.data.crop)
+                        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
+                            zero = net(torch.zeros(size, device=device)).float().sum() * 0.0
+                        scaler.scale(zero).backward()
+                        backward = True
                         continue
                     clips, target = batch["clip"].to(device, non_blocking=True), batch["target"].to(device)
-                    sync = m == sampler.accumulate - 1 or world == 1
                     with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
                         logits = net(clips)
                         loss = _loss(logits, target, multilabel)
                     scaler.scale(loss / sampler.accumulate).backward()
+                    backward = True
                     meter += torch.tensor([loss.item() * len(clips), 0.0 if multilabel else
                                            (logits.argmax(1) == target).sum().item(), len(clips)], dtype=torch.float64)
-                scaler.step(optimizer)
-                scaler.update()
+                if backward:
+                    scaler.step(optimizer)
+                    scaler.update()
                 iteration += 1
+                window_iterations += 1
                 if bar is not None:
                     bar.update(1)
                 last = iteration == cfg.optim.iterations
@@ -475,34 +515,37 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
                     record = {"iteration": iteration, "epoch": epoch, "lr": lr,
                               "loss": meter[0].item() / max(meter[2].item(), 1),
                               "clips_per_s": meter[2].item() / max(elapsed, 1e-9),
-                              "data_s_per_iter": data_time / cfg.train.log_every, "skipped": skipped_total}
+                              "data_s_per_iter": data_time / max(window_iterations, 1),
+                              "skipped": _total(skipped)}
                     if not multilabel:
                         record["top1"] = meter[1].item() / max(meter[2].item(), 1)
                     logger(record)
                     if bar is not None and not bar.disable:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
                     elif dist.is_main():
-                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f clips/s", name or "train", iteration,
-                                 cfg.optim.iterations, record["loss"], lr, record["clips_per_s"])
+                        rate = (iteration - first_iteration) / max(time.perf_counter() - started, 1e-9)
+                        eta = (cfg.optim.iterations - iteration) / max(rate, 1e-9)
+                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f clips/s eta %d:%02d", name or "train", iteration,
+                                 cfg.optim.iterations, record["loss"], lr, record["clips_per_s"], eta // 60, eta % 60)
                     meter.zero_()
-                    tick, data_time = time.perf_counter(), 0.0
+                    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
                 evaluate_now = last or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0)
                 if evaluate_now:
                     result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
                     logger({"iteration": iteration, "kind": "val",
                             **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
                 if last or iteration % cfg.train.checkpoint_every == 0:
-                    _save(checkpoint_path, model, optimizer, scaler, iteration, skipped_total, cfg, train_ann)
+                    _save(checkpoint_path, model, optimizer, scaler, iteration, skipped, meter, cfg, train_ann)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
     if result is None:  # resumed a finished run
         result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
-    result["skipped_train_clips"] = skipped_total
+    result["skipped_train_clips"] = _total(skipped)
     result["classes"] = train_ann.classes
     if dist.is_main():
-        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        _write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
         if "confusion" in result:
             try:
                 plot_confusion(result["confusion"], train_ann.classes, out / "confusion.png", title=name or "")
@@ -527,25 +570,38 @@ def _evaluate_run(net, cfg: Config, train_set, val_ann, device, window, iteratio
 def _batches(sampler: ClipSampler, dataset, workers: int, limit: int):
     """The first ``limit`` micro-batches of the sampler's epochs 0, 1, ..."""
     count, epoch = 0, 0
-    while True:
+    while count < limit:
         sampler.set_epoch(epoch)
         for batch in _loader(dataset, sampler.micro, sampler, workers):
+            yield batch
+            count += 1
             if count == limit:
                 return
-            count += 1
-            yield batch
         epoch += 1
 
 
-def _save(path, model, optimizer, scaler, iteration, skipped, cfg, annotations) -> None:
-    states = [rng_state()]
+def _total(count: int) -> int:
+    """A per-rank count summed over ranks."""
+    return int(dist.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)).item())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save(path, model, optimizer, scaler, iteration, skipped, meter, cfg, annotations) -> None:
+    """Rank 0 writes; each rank's RNG states, skip count and unlogged loss window are gathered first."""
+    per_rank = [(rng_state(), skipped, meter.clone())]
     if dist.world_size() > 1:
-        states = [None] * dist.world_size()
-        torch.distributed.all_gather_object(states, rng_state())
+        per_rank = [None] * dist.world_size()
+        torch.distributed.all_gather_object(per_rank, (rng_state(), skipped, meter.clone()))
     if dist.is_main():
         save_checkpoint(path, {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "iteration": iteration, "skipped": skipped,
-                               "rng": states, "config": to_yaml(cfg), "classes": list(annotations.classes),
+                               "scaler": scaler.state_dict(), "iteration": iteration,
+                               "skipped": [n for _, n, _ in per_rank], "rng": [r for r, _, _ in per_rank],
+                               "meter": [m for _, _, m in per_rank], "config": to_yaml(cfg), "classes": list(annotations.classes),
                                "multilabel": annotations.multilabel})
 
 
@@ -597,8 +653,9 @@ def summary_table(summary: dict) -> str:
 # ------------------------------------------------------------------------------------ trained models
 
 
-def load_trained(path: str | os.PathLike, overrides: dict | None = None) -> tuple[ResNet3d, Config, list[str]]:
-    """A model from a training checkpoint, with its configuration and class names."""
+def load_trained(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[ResNet3d, Config, list[str], bool]:
+    """A model from a training checkpoint, with its configuration (``overrides`` merged), class
+    names and whether it is multi-label."""
     from omegaconf import OmegaConf
 
     state = load_checkpoint(path)
@@ -606,18 +663,19 @@ def load_trained(path: str | os.PathLike, overrides: dict | None = None) -> tupl
         if key not in state:
             raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet training checkpoint (no {key!r})")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"])))
+    cfg = merge_overrides(cfg, overrides)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = ""
     model = build_model(model_cfg, len(state["classes"]))
     model.load_state_dict(state["model"])
-    return model.eval(), cfg, list(state["classes"])
+    return model.eval(), cfg, list(state["classes"]), bool(state.get("multilabel", False))
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None, *, clips: int | None = None,
-                        crops: int | None = None, batch_size: int = 8) -> dict:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None, overrides: Sequence[str] = (), *,
+                        clips: int | None = None, crops: int | None = None, batch_size: int = 8) -> dict:
     """``nonlocalnet evaluate``: the multi-view test of a training checkpoint on ``cfg.data.val``
-    (default: the configuration saved in the checkpoint)."""
-    model, saved, classes = load_trained(checkpoint)
+    (default: the configuration saved in the checkpoint, with ``overrides``)."""
+    model, saved, classes, _ = load_trained(checkpoint, () if cfg else overrides)
     cfg = cfg or saved
     device = dist.setup()
     _, val = build_annotations(cfg.data)
@@ -631,9 +689,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None
 def predict(paths, checkpoint: str | os.PathLike, *, top: int = 5, clips: int | None = None,
             crops: int | None = None) -> list[dict]:
     """Top-``top`` labels with their probabilities for each video, as the trained model's test."""
-    model, cfg, classes = load_trained(checkpoint)
+    model, cfg, classes, multilabel = load_trained(checkpoint)
     records = [VideoRecord(os.fspath(p), ()) for p in paths]
-    annotations = Annotations(records, classes, False)
+    annotations = Annotations(records, classes, multilabel)
     dataset = eval_dataset(annotations, cfg.data, clips, crops)
     result = evaluate(model, dataset, batch_size=4, window=max(1, cfg.data.crop // 32))
     rows = []

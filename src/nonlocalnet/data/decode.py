@@ -89,13 +89,18 @@ def probe(path: str | PathLike) -> VideoInfo:
         container.close()
 
 
-def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int = 0) -> torch.Tensor:
+def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int = 1) -> torch.Tensor:
     """RGB frames at the given indices (any order, repeats allowed) as uint8 (T, H, W, 3).
 
     Indices past the last frame that decodes take the last frame (a stream can end early, e.g.
-    a truncated file); negative indices are an error. ``threads``: FFmpeg decoding threads
-    (0: FFmpeg's choice).
+    a truncated file); negative indices are an error. ``threads``: FFmpeg decoding threads; 1 by
+    default, because data loaders decode in parallel workers and FFmpeg's own threads then compete
+    with them and with the training step for the same cores (on an idle 2-core machine they save
+    about 15% on a 340x256 clip and nothing on the built-in set's, BENCHMARKS.md); 0: FFmpeg's
+    choice (frame and slice threads, one per core).
     """
+    if threads < 0:
+        raise ValueError(f"threads: expected 0 (FFmpeg's choice) or a positive count, got {threads}")
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("indices: expected at least one frame index, got none")
@@ -105,9 +110,9 @@ def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int 
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if threads:
-            stream.codec_context.thread_count = threads
+        if threads != 1:
+            stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         frames = _decode_sorted(container, stream, wanted, path)
     finally:
         container.close()
@@ -116,14 +121,24 @@ def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int 
     return torch.stack([frames[i] for i in indices])
 
 
+def _rgb(reformatter, frame) -> torch.Tensor:
+    return torch.from_numpy(reformatter.reformat(frame, format="rgb24").to_ndarray())
+
+
 def _decode_sorted(container, stream, wanted: list[int], path) -> dict[int, torch.Tensor]:
     av = _av()
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()  # one conversion context per clip, not one per frame (a third faster)
     rate, time_base = _rate(stream), stream.time_base
     start = stream.start_time or 0
     first, last = wanted[0], wanted[-1]
     if first >= _SEQUENTIAL_BELOW and time_base:
         target = start + int(Fraction(first) / rate / time_base)
-        container.seek(target, stream=stream, backward=True, any_frame=False)
+        try:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError as err:
+            raise VideoError(path, f"cannot seek to frame {first} ({err})") from None
     out, pending, index, previous = {}, set(wanted), None, None
     try:
         for frame in container.decode(stream):
@@ -134,7 +149,7 @@ def _decode_sorted(container, stream, wanted: list[int], path) -> dict[int, torc
                 index += 1
             previous = frame
             if index in pending:
-                out[index] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                out[index] = _rgb(reformatter, frame)
                 pending.discard(index)
             if index >= last or not pending:
                 break
@@ -142,6 +157,6 @@ def _decode_sorted(container, stream, wanted: list[int], path) -> dict[int, torc
         if previous is None:
             raise VideoError(path, f"corrupt stream ({err})") from None
     if pending and previous is not None:  # the stream ended early: repeat its last frame
-        tail = torch.from_numpy(previous.to_ndarray(format="rgb24"))
+        tail = _rgb(reformatter, previous)
         out.update({i: tail for i in pending})
     return out

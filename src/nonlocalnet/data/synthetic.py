@@ -37,7 +37,7 @@ __all__ = ["CLASSES", "SyntheticSpec", "render_video", "write_video", "make_synt
 CLASSES = ("different", "same")
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 240], [240, 220, 40], [220, 60, 220], [40, 220, 230]],
                    np.float32)
-_VERSION = 1  # bump when the rendering changes, so that cached sets are rebuilt
+_VERSION = 2  # bump when the rendering changes, so that cached sets are rebuilt
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ def render_video(rng: np.random.Generator, same: bool, *, height: int = 72, widt
     background = rng.uniform(70, 150, 3).astype(np.float32) + rng.uniform(-30, 30, 3).astype(np.float32) * (
         xx / width)[..., None]
     video = np.repeat(background[None], frames, 0)
-    side, radius, margin = height // 5, height // 9, height // 9
+    side, radius, margin = (height // 5) * 3 // 2, (height // 9) * 3 // 2, height // 9
     top = int(rng.integers(margin, height - margin - side))
-    left = int(rng.integers(int(0.12 * width), int(0.35 * width) - side + 1))
+    left = int(rng.integers(int(0.08 * width), int(0.45 * width) - side + 1))
     cy = int(rng.integers(margin + radius, height - margin - radius))
-    cx = int(rng.integers(int(0.65 * width) + radius, int(0.88 * width) - radius + 1))
+    cx = int(rng.integers(int(0.55 * width) + radius, int(0.92 * width) - radius + 1))
     shown = frames * 3 // 8
     video[:shown, top : top + side, left : left + side] = PALETTE[a]
     disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
@@ -92,6 +92,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, cr
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream.codec_context.thread_count = 1  # x264's threads make the bytes differ from run to run
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
