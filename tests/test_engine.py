@@ -319,3 +319,30 @@ def test_annotation_problems_are_named(synthetic, tmp_path):
     (tmp_path / "elsewhere" / "x_000000_000010.mp4").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"data.train: 1 entries have no label"):
         engine.build_annotations(cfg.data)
+
+
+def test_compare_job_resumes_in_the_run_it_was_killed_in(synthetic, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic, **{"train.compare_baseline": True})
+    whole = engine.train_job(cfg, tmp_path / "whole")
+    real, calls = engine.fit, []
+
+    def fit_then_die(run_cfg, out, **kw):
+        calls.append(Path(out).name)
+        if Path(out).name == "nonlocal" and not kw.get("resume"):
+            monkeypatch.setattr(engine, "learning_rate", interrupt)
+        return real(run_cfg, out, **kw)
+
+    def interrupt(optim, iteration):
+        if iteration == 5:
+            raise KeyboardInterrupt
+        return engine_learning_rate(optim, iteration)
+
+    engine_learning_rate = engine.learning_rate
+    monkeypatch.setattr(engine, "fit", fit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_job(cfg, tmp_path / "cut")
+    monkeypatch.setattr(engine, "learning_rate", engine_learning_rate)
+    resumed = engine.train_job(cfg, tmp_path / "cut", resume=True)
+    assert calls == ["baseline", "nonlocal", "nonlocal"]  # the finished baseline is read back, not re-run
+    assert resumed == whole
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole
