@@ -229,10 +229,9 @@ def test_make_synthetic_writes_once_and_reads_back(tmp_path):
         make_synthetic(tmp_path / "other", spec)
 
 
-def test_synthetic_set_is_the_same_bytes_every_time(tmp_path):
-    spec = SyntheticSpec(train=4, val=2, height=48, width=64, frames=8, seed=5)
-    a = make_synthetic(tmp_path / "a", spec, log=lambda *x: None)
-    b = make_synthetic(tmp_path / "b", spec, log=lambda *x: None)
-    files = sorted(p.relative_to(a) for p in a.rglob("*.mp4"))
-    assert len(files) == 6
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+def test_synthetic_frames_are_a_function_of_the_seed():
+    # the frames are; x264's bytes are not always (README), so the set is built once and cached
+    a = [render_video(np.random.default_rng(5), i % 2 == 0, height=48, width=64, frames=8) for i in range(3)]
+    b = [render_video(np.random.default_rng(5), i % 2 == 0, height=48, width=64, frames=8) for i in range(3)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

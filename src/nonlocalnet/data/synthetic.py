@@ -92,7 +92,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, cr
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
-        stream.codec_context.thread_count = 1  # x264's threads make the bytes differ from run to run
+        stream.codec_context.thread_count = 1  # fewer, not no, run-to-run differences in x264's output
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
