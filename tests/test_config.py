@@ -28,7 +28,7 @@ def test_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("text, overrides, match", [
     ("optim:\n  lrr: 0.1\n", [], r"config in .*c\.yaml: .*lrr.*\(key: optim\.lrr\)"),
-    ("", ["optim.lr=fast"], r"config in .*: .*fast.*\(key: optim\.lr\)"),
+    ("", ["optim.lr=fast"], r"overrides: .*fast.*\(key: optim\.lr\)"),
     ("", ["optim.lr"], r"overrides: expected key=value, got \['optim\.lr'\]"),
 ])
 def test_unknown_keys_and_wrong_types_are_errors(tmp_path, text, overrides, match):

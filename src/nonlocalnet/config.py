@@ -129,20 +129,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(Config)
-    try:
-        if path is not None:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"config: no such file {os.fspath(path)!r}")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config: no such file {os.fspath(path)!r}")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides: expected key=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        source = f" in {os.fspath(path)}" if path is not None else ""
-        raise ValueError(f"config{source}: {str(err).splitlines()[0]} (key: {getattr(err, 'full_key', '?')})") from None
-    return check_config(config)
+        except OmegaConfBaseException as err:
+            raise ValueError(f"config in {os.fspath(path)}: {str(err).splitlines()[0]} "
+                             f"(key: {getattr(err, 'full_key', '?')})") from None
+    return merge_overrides(OmegaConf.to_object(merged), overrides)
 
 
 def merge_overrides(config: Config, overrides: Sequence[str]) -> Config:
