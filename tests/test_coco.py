@@ -1,0 +1,106 @@
+"""COCO-format detection data: targets in torchvision's format from a set made here, skipped
+entries counted, malformed entries named; a Mask R-CNN step trains on it."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+torchvision = pytest.importorskip("torchvision")
+Image = pytest.importorskip("PIL.Image")
+ImageDraw = pytest.importorskip("PIL.ImageDraw")
+
+from nonlocalnet.data.coco import CocoDetection  # noqa: E402
+from nonlocalnet.data.datasets import AnnotationError  # noqa: E402
+
+KEYPOINTS = ["top", "left", "right"]
+
+
+def make_coco(root, images=3):
+    """Images with a red square (category 3) and a blue triangle (category 7, 3 keypoints)."""
+    (root / "images").mkdir(parents=True)
+    data = {"images": [], "annotations": [],
+            "categories": [{"id": 3, "name": "square"}, {"id": 7, "name": "triangle", "keypoints": KEYPOINTS}]}
+    for i in range(images):
+        image = Image.new("RGB", (96, 64), (40, 40, 40))
+        draw = ImageDraw.Draw(image)
+        x = 8 + 10 * i
+        draw.rectangle([x, 10, x + 19, 29], fill=(220, 30, 30))
+        tri = [(60, 50), (80, 50), (70, 34)]
+        draw.polygon(tri, fill=(30, 30, 220))
+        image.save(root / "images" / f"{i}.png")
+        data["images"].append({"id": 100 + i, "file_name": f"{i}.png", "width": 96, "height": 64})
+        data["annotations"].append({"id": 2 * i + 1, "image_id": 100 + i, "category_id": 3, "bbox": [x, 10, 20, 20],
+                                    "area": 400, "iscrowd": 0,
+                                    "segmentation": [[x, 10, x + 20, 10, x + 20, 30, x, 30]]})
+        data["annotations"].append({"id": 2 * i + 2, "image_id": 100 + i, "category_id": 7, "bbox": [60, 34, 20, 16],
+                                    "area": 160, "iscrowd": 0, "segmentation": [[c for p in tri for c in p]],
+                                    "keypoints": [70, 34, 2, 60, 50, 2, 80, 50, 1]})
+    (root / "instances.json").write_text(json.dumps(data))
+    return root / "images", root / "instances.json", data
+
+
+def test_targets_in_torchvision_format(tmp_path):
+    images, annotations, _ = make_coco(tmp_path)
+    ds = CocoDetection(images, annotations, keypoints=True)
+    assert len(ds) == 3 and ds.category_ids == [3, 7] and ds.skipped == {}
+    image, target = ds[1]
+    assert image.shape == (3, 64, 96) and 0 <= image.min() and image.max() <= 1
+    assert target["boxes"].tolist() == [[18, 10, 38, 30], [60, 34, 80, 50]]
+    assert target["labels"].tolist() == [1, 2] and target["image_id"] == 101
+    masks = target["masks"]
+    assert masks.shape == (2, 64, 96) and masks.dtype == torch.uint8
+    assert 380 <= int(masks[0].sum()) <= 441 and masks[0, 20, 28] == 1 and masks[0, 40, 28] == 0
+    assert masks[1, 45, 70] == 1 and masks[1, 36, 62] == 0  # inside / outside the triangle
+    assert target["keypoints"].shape == (2, 3, 3)
+    assert target["keypoints"][1].tolist() == [[70, 34, 2], [60, 50, 2], [80, 50, 1]]
+    assert target["keypoints"][0, :, 2].tolist() == [0, 0, 0]  # the square has none: invisible
+
+
+def test_unusable_entries_are_skipped_and_counted(tmp_path):
+    images, annotations, data = make_coco(tmp_path)
+    data["images"].append({"id": 999, "file_name": "gone.png", "width": 96, "height": 64})
+    data["annotations"].append({"id": 50, "image_id": 999, "category_id": 3, "bbox": [1, 1, 5, 5]})
+    data["annotations"].append({"id": 51, "image_id": 100, "category_id": 3, "bbox": [1, 1, -5, 5]})
+    data["annotations"].append({"id": 52, "image_id": 100, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1})
+    annotations.write_text(json.dumps(data))
+    ds = CocoDetection(images, annotations)
+    assert len(ds) == 3
+    assert ds.skipped == {"image file missing": 1, "annotation of a skipped or unknown image": 1,
+                          "box with zero or negative size": 1, "crowd region": 1}
+    assert len(ds[0][1]["boxes"]) == 2
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["annotations"][1].pop("bbox"), r"annotations\[1\] \(id 2\): missing key 'bbox'"),
+    (lambda d: d["annotations"][2].update(bbox=[1, 2]), r"annotations\[2\] \(id 3\): bbox: expected \[x, y, width"),
+    (lambda d: d["annotations"][0].update(category_id=5), r"annotations\[0\] \(id 1\): category_id 5 is not among"),
+    (lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id 101\): missing key 'file_name'"),
+    (lambda d: d["annotations"][1].update(keypoints=[1, 2, 2]), r"annotations\[1\] \(id 2\): keypoints: expected 9"),
+    (lambda d: d.pop("categories"), r"expected a top-level list 'categories'"),
+])
+def test_malformed_entries_are_named(tmp_path, edit, match):
+    images, annotations, data = make_coco(tmp_path)
+    edit(data)
+    annotations.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"instances\.json: " + match):
+        CocoDetection(images, annotations, keypoints=True)
+
+
+def test_a_mask_rcnn_step_trains_on_it(tmp_path):
+    from nonlocalnet.models.detection import mask_rcnn
+
+    images, annotations, _ = make_coco(tmp_path, images=2)
+    ds = CocoDetection(images, annotations)
+    torch.manual_seed(0)
+    model = mask_rcnn(50, num_classes=3, min_size=64, max_size=96, rpn_pre_nms_top_n_train=100,
+                      rpn_post_nms_top_n_train=50, box_batch_size_per_image=32).train()
+    batch = [ds[0], ds[1]]
+    losses = model([b[0] for b in batch], [b[1] for b in batch])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    block = model.backbone.body.layer3[4].nonlocal_block
+    assert block.out.weight.grad is not None and block.out.weight.grad.abs().sum() > 0
