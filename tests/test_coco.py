@@ -104,3 +104,53 @@ def test_a_mask_rcnn_step_trains_on_it(tmp_path):
     total.backward()
     block = model.backbone.body.layer3[4].nonlocal_block
     assert block.out.weight.grad is not None and block.out.weight.grad.abs().sum() > 0
+
+
+def _oracle(dataset, shift=0.0):
+    """Predictions equal to the ground truth (boxes moved right by ``shift`` of their width)."""
+    truth = {int(t["image_id"]): t for _, t in (dataset[i] for i in range(len(dataset)))}
+
+    def predict(images):
+        outputs = []
+        for image in images:
+            target = next(t for t in truth.values() if t["masks"].shape[-2:] == image.shape[-2:] and
+                          t["image_id"] not in seen)
+            seen.add(target["image_id"])
+            boxes = target["boxes"].clone()
+            boxes[:, [0, 2]] += shift * (boxes[:, 2] - boxes[:, 0]).unsqueeze(1)
+            n = len(boxes)
+            outputs.append({"boxes": boxes, "labels": target["labels"], "scores": torch.linspace(1, 0.5, n),
+                            "masks": target["masks"][:, None].float(), "keypoints": target["keypoints"],
+                            "keypoints_scores": torch.ones(n, target["keypoints"].shape[1])})
+        return outputs
+
+    seen = set()
+    return predict
+
+
+def test_coco_evaluation_of_the_ground_truth_is_perfect(tmp_path):
+    from nonlocalnet.detect import coco_evaluate
+
+    images, annotations, _ = make_coco(tmp_path)
+    ds = CocoDetection(images, annotations, keypoints=True)
+    report = coco_evaluate(None, ds, ("bbox", "segm", "keypoints"), predict=_oracle(ds))
+    assert report["bbox"]["AP"] == pytest.approx(1.0) and report["segm"]["AP"] == pytest.approx(1.0)
+    assert report["keypoints"]["AP"] == pytest.approx(1.0)
+    assert set(report["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    shifted = coco_evaluate(None, ds, ("bbox",), predict=_oracle(ds, shift=0.3))  # IoU 0.54: AP50 only
+    assert shifted["bbox"]["AP50"] == pytest.approx(1.0) and shifted["bbox"]["AP75"] == pytest.approx(0.0)
+    assert 0 < shifted["bbox"]["AP"] < 0.5
+    with pytest.raises(ValueError, match=r"iou_types: expected some of \('bbox', 'segm', 'keypoints'\), got \['box'\]"):
+        coco_evaluate(None, ds, ("box",), predict=_oracle(ds))
+
+
+def test_coco_evaluation_of_a_real_model_runs(tmp_path):
+    from nonlocalnet.detect import coco_evaluate
+    from nonlocalnet.models.detection import mask_rcnn
+
+    images, annotations, _ = make_coco(tmp_path, images=2)
+    ds = CocoDetection(images, annotations)
+    torch.manual_seed(0)
+    model = mask_rcnn(50, num_classes=3, min_size=64, max_size=96, box_score_thresh=0.0, box_detections_per_img=5)
+    report = coco_evaluate(model, ds, ("bbox", "segm"))
+    assert all(0.0 <= v <= 1.0 or v == -1.0 for r in report.values() for v in r.values())
