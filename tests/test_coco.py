@@ -43,7 +43,7 @@ def make_coco(root, images=3):
 
 def test_targets_in_torchvision_format(tmp_path):
     images, annotations, _ = make_coco(tmp_path)
-    ds = CocoDetection(images, annotations, keypoints=True)
+    ds = CocoDetection(images, annotations)
     assert len(ds) == 3 and ds.category_ids == [3, 7] and ds.skipped == {}
     image, target = ds[1]
     assert image.shape == (3, 64, 96) and 0 <= image.min() and image.max() <= 1
@@ -53,9 +53,37 @@ def test_targets_in_torchvision_format(tmp_path):
     assert masks.shape == (2, 64, 96) and masks.dtype == torch.uint8
     assert 380 <= int(masks[0].sum()) <= 441 and masks[0, 20, 28] == 1 and masks[0, 40, 28] == 0
     assert masks[1, 45, 70] == 1 and masks[1, 36, 62] == 0  # inside / outside the triangle
-    assert target["keypoints"].shape == (2, 3, 3)
-    assert target["keypoints"][1].tolist() == [[70, 34, 2], [60, 50, 2], [80, 50, 1]]
-    assert target["keypoints"][0, :, 2].tolist() == [0, 0, 0]  # the square has none: invisible
+    assert "keypoints" not in target
+
+
+def test_keypoint_sets_keep_the_categories_with_keypoints(tmp_path):
+    images, annotations, data = make_coco(tmp_path)
+    data["annotations"][3].pop("keypoints")  # a triangle without keypoints: invisible ones
+    annotations.write_text(json.dumps(data))
+    ds = CocoDetection(images, annotations, keypoints=True)
+    assert ds.category_ids == [7] and ds.num_keypoints == 3
+    assert ds.skipped == {"annotation of a category without keypoints": 3}  # the squares
+    _, target = ds[0]
+    assert target["labels"].tolist() == [1] and target["boxes"].tolist() == [[60, 34, 80, 50]]
+    assert target["keypoints"].tolist() == [[[70, 34, 2], [60, 50, 2], [80, 50, 1]]]
+    assert ds[1][1]["keypoints"][0, :, 2].tolist() == [0, 0, 0]
+
+
+def test_rle_and_box_only_masks(tmp_path):
+    from pycocotools import mask as mask_api
+    import numpy as np
+
+    images, annotations, data = make_coco(tmp_path)
+    square = np.zeros((64, 96), np.uint8, order="F")
+    square[10:30, 8:28] = 1
+    rle = mask_api.encode(square)
+    data["annotations"][0]["segmentation"] = {"size": [64, 96], "counts": rle["counts"].decode("ascii")}
+    data["annotations"][2].pop("segmentation")  # no mask: the box is the mask
+    annotations.write_text(json.dumps(data))
+    ds = CocoDetection(images, annotations)
+    assert torch.equal(ds[0][1]["masks"][0], torch.from_numpy(np.ascontiguousarray(square)))
+    box_mask = ds[1][1]["masks"][0]
+    assert int(box_mask.sum()) == 400 and box_mask[10:30, 18:38].all()
 
 
 def test_unusable_entries_are_skipped_and_counted(tmp_path):
@@ -79,6 +107,11 @@ def test_unusable_entries_are_skipped_and_counted(tmp_path):
     (lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id 101\): missing key 'file_name'"),
     (lambda d: d["annotations"][1].update(keypoints=[1, 2, 2]), r"annotations\[1\] \(id 2\): keypoints: expected 9"),
     (lambda d: d.pop("categories"), r"expected a top-level list 'categories'"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]),
+     r"annotations\[0\] \(id 1\): segmentation\[0\]: expected a polygon of at least 3"),
+    (lambda d: d["annotations"][0].update(segmentation={"size": [10, 10], "counts": "abc"}),
+     r"annotations\[0\] \(id 1\): segmentation: RLE size \[10, 10\] is not the image's"),
+    (lambda d: d["images"][0].update(width=0), r"images\[0\] \(id 100\): width: expected a positive int, got 0"),
 ])
 def test_malformed_entries_are_named(tmp_path, edit, match):
     images, annotations, data = make_coco(tmp_path)
@@ -104,6 +137,23 @@ def test_a_mask_rcnn_step_trains_on_it(tmp_path):
     total.backward()
     block = model.backbone.body.layer3[4].nonlocal_block
     assert block.out.weight.grad is not None and block.out.weight.grad.abs().sum() > 0
+
+
+def test_a_keypoint_rcnn_step_reaches_every_head_block(tmp_path):
+    from nonlocalnet.models.detection import keypoint_rcnn, nonlocal_blocks_of
+
+    images, annotations, _ = make_coco(tmp_path, images=2)
+    ds = CocoDetection(images, annotations, keypoints=True)
+    torch.manual_seed(0)
+    model = keypoint_rcnn(50, num_classes=len(ds.category_ids) + 1, num_keypoints=ds.num_keypoints, min_size=64,
+                          max_size=96, rpn_post_nms_top_n_train=50, box_batch_size_per_image=32).train()
+    losses = model([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]])
+    sum(losses.values()).backward()
+    assert "loss_keypoint" in losses
+    blocks = nonlocal_blocks_of(model)
+    assert len(blocks) == 5
+    for name, block in blocks.items():  # W_z starts at 0, so its gradient shows the block is in the path
+        assert block.out.weight.grad is not None and block.out.weight.grad.abs().sum() > 0, name
 
 
 def _oracle(dataset, shift=0.0):

@@ -42,13 +42,18 @@ def to_coco_results(image_id: int, output: dict, category_ids, iou_types) -> dic
     _, _, mask_api = _pycocotools()
     boxes = output["boxes"].detach().cpu().float()
     scores = output["scores"].detach().cpu().float().tolist()
-    categories = [category_ids[int(label) - 1] for label in output["labels"].cpu()]
+    labels = [int(label) for label in output["labels"].cpu()]
+    bad = [label for label in labels if not 1 <= label <= len(category_ids)]
+    if bad:
+        raise ValueError(f"labels: the model predicts label {bad[0]}, but the data set has labels 1..{len(category_ids)}"
+                         f" (build the model with num_classes={len(category_ids) + 1})")
+    categories = [category_ids[label - 1] for label in labels]
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist() if len(boxes) else []
     results = {t: [] for t in iou_types}
     for k, (box, score, category) in enumerate(zip(xywh, scores, categories)):
-        entry = {"image_id": int(image_id), "category_id": int(category), "score": float(score), "bbox": box}
-        if "bbox" in results:
-            results["bbox"].append(entry)
+        entry = {"image_id": int(image_id), "category_id": int(category), "score": float(score)}
+        if "bbox" in results:  # masks and keypoints go without their box, so that COCOeval sizes them by
+            results["bbox"].append({**entry, "bbox": box})  # the mask's area and the keypoints' extent
         if "segm" in results:
             binary = (output["masks"][k, 0] > 0.5).cpu().numpy().astype(np.uint8)
             rle = mask_api.encode(np.asfortranarray(binary))
@@ -84,6 +89,8 @@ def _keypoint_params(params, truth) -> None:
     """Score only the categories with keypoints; COCO's 17 person keypoints keep COCOeval's
     per-keypoint sigmas, any other set gets their mean for each keypoint."""
     with_points = [c for c in truth.dataset["categories"] if c.get("keypoints")]
+    if not with_points:
+        raise ValueError("iou_types: 'keypoints' needs a category with keypoint names in the annotation file")
     params.catIds = sorted(c["id"] for c in with_points)
     count = max(len(c["keypoints"]) for c in with_points)
     if count != len(params.kpt_oks_sigmas):
@@ -118,13 +125,14 @@ def coco_evaluate(model, dataset: CocoDetection, iou_types=("bbox", "segm"), *, 
     truth = _ground_truth(COCO, dataset.annotation_file)
     report = {}
     for t in iou_types:
-        if not results[t]:
-            report[t] = {name: 0.0 for name in STAT_NAMES[t]}
+        if not results[t]:  # nothing detected: nothing for COCOeval to score
+            report[t] = {name: -1.0 for name in STAT_NAMES[t]}
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             found = truth.loadRes(results[t])
             evaluation = COCOeval(truth, found, t)
             evaluation.params.imgIds = sorted(image_ids)
+            evaluation.params.catIds = list(dataset.category_ids)  # those the data set (and model) has
             if t == "keypoints":
                 _keypoint_params(evaluation.params, truth)
             evaluation.evaluate()

@@ -8,7 +8,9 @@ a detector cannot learn from are skipped and counted in ``skipped``:
 - images whose file does not exist;
 - boxes with zero or negative width or height;
 - crowd regions (``iscrowd: 1``), which COCOeval still handles.
-Categories map to labels 1..C in the order of their ids (0 is the background, as torchvision wants).
+Categories map to labels 1..C in the order of their ids (0 is the background, as torchvision wants);
+with ``keypoints=True`` only the categories that list keypoint names do (the others' annotations
+are skipped and counted), since a keypoint model learns those alone.
 """
 
 from __future__ import annotations
@@ -57,28 +59,35 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise AnnotationError(path, None, f"expected a top-level list {key!r}")
-    categories, num_keypoints = [], 0
+    categories, with_points, num_keypoints = [], [], 0
     for i, cat in enumerate(data["categories"]):
         categories.append(_need(path, f"categories[{i}]", cat, "id", int, "an int"))
-        if "keypoints" in cat:
-            num_keypoints = max(num_keypoints, len(_need(path, f"categories[{i}]", cat, "keypoints", list,
-                                                         "the keypoint names")))
+        if cat.get("keypoints"):
+            names = _need(path, f"categories[{i}]", cat, "keypoints", list, "the keypoint names")
+            if num_keypoints and len(names) != num_keypoints:
+                raise AnnotationError(path, None, f"categories[{i}]: keypoints: expected {num_keypoints} names like "
+                                                  f"the other keypoint categories, got {len(names)}")
+            num_keypoints = len(names)
+            with_points.append(categories[-1])
     if keypoints and not num_keypoints:
         raise AnnotationError(path, None, "keypoints: no category lists its 'keypoints' names")
-    category_ids = sorted(set(categories))
+    # keypoint models learn only the categories with keypoints (label 1 is the person in COCO)
+    category_ids = sorted(set(with_points if keypoints else categories))
     images, skipped = {}, Counter()
     for i, image in enumerate(data["images"]):
         where = f"images[{i}]"
         image_id = _need(path, where, image, "id", int, "an int")
         name = _need(path, f"{where} (id {image_id})", image, "file_name", str, "a file name")
         for key in ("width", "height"):
-            _need(path, f"{where} (id {image_id})", image, key, int, "a positive int")
+            if _need(path, f"{where} (id {image_id})", image, key, int, "a positive int") < 1:
+                raise AnnotationError(path, None, f"{where} (id {image_id}): {key}: expected a positive int, "
+                                                  f"got {image[key]}")
         if not (Path(image_root) / name).is_file():
             skipped["image file missing"] += 1
             continue
         images[image_id] = {**image, "path": str(Path(image_root) / name)}
     per_image = defaultdict(list)
-    known = set(category_ids)
+    known, sizes = set(categories), {im["id"]: (im["height"], im["width"]) for im in images.values()}
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]"
         ann_id = _need(path, where, ann, "id", int, "an int")
@@ -88,11 +97,10 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
         if category not in known:
             raise AnnotationError(path, None, f"{where}: category_id {category} is not among the categories")
         box = _need(path, where, ann, "bbox", list, "[x, y, width, height]")
-        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
             raise AnnotationError(path, None, f"{where}: bbox: expected [x, y, width, height], got {box}")
-        if "segmentation" in ann and not isinstance(ann["segmentation"], (list, dict)):
-            raise AnnotationError(path, None, f"{where}: segmentation: expected polygons or RLE, got "
-                                              f"{type(ann['segmentation']).__name__}")
+        if "segmentation" in ann:
+            _check_segmentation(path, where, ann["segmentation"], sizes.get(image_id))
         if keypoints and "keypoints" in ann:
             points = _need(path, where, ann, "keypoints", list, "a flat list of x, y, visibility")
             if len(points) != 3 * num_keypoints:
@@ -100,6 +108,9 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
                                                   f"({num_keypoints} x, y, visibility), got {len(points)}")
         if image_id not in images:
             skipped["annotation of a skipped or unknown image"] += 1
+            continue
+        if category not in category_ids:
+            skipped["annotation of a category without keypoints"] += 1
             continue
         if ann.get("iscrowd", 0):
             skipped["crowd region"] += 1
@@ -110,6 +121,26 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
         per_image[image_id].append(ann)
     return {"images": list(images.values()), "annotations": per_image, "category_ids": category_ids,
             "num_keypoints": num_keypoints, "skipped": dict(skipped)}
+
+
+def _check_segmentation(path, where: str, segmentation, size) -> None:
+    """Polygons: lists of at least 3 (x, y) points; RLE: ``size`` [height, width] and ``counts``."""
+    if isinstance(segmentation, list):
+        for k, polygon in enumerate(segmentation):
+            if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)):
+                raise AnnotationError(path, None, f"{where}: segmentation[{k}]: expected a polygon of at least 3 "
+                                                  f"x, y points, got {str(polygon)[:60]}")
+    elif isinstance(segmentation, dict):
+        if "counts" not in segmentation or not isinstance(segmentation.get("size"), list):
+            raise AnnotationError(path, None, f"{where}: segmentation: expected RLE with 'size' and 'counts', "
+                                              f"got keys {sorted(segmentation)}")
+        if size is not None and list(segmentation["size"]) != list(size):
+            raise AnnotationError(path, None, f"{where}: segmentation: RLE size {segmentation['size']} is not the "
+                                              f"image's [height, width] {list(size)}")
+    else:
+        raise AnnotationError(path, None, f"{where}: segmentation: expected polygons or RLE, got "
+                                          f"{type(segmentation).__name__}")
 
 
 class CocoDetection(Dataset):

@@ -78,12 +78,14 @@ def _block_options(options: Mapping[str, object] | None) -> dict:
     return {"norm": False, **(options or {})}
 
 
-def mask_rcnn(depth: int = 50, *, nonlocal_backbone: bool = True, num_classes: int = 91,
+def mask_rcnn(depth: int = 50, *, nonlocal_backbone: bool = True, num_classes: int = 81,
               backbone_weights: str | os.PathLike | None = None, trainable_layers: int = 3,
               nonlocal_options: Mapping[str, object] | None = None, **detector_kwargs):
     """torchvision's Mask R-CNN with a ResNet-``depth``-FPN backbone, plus (``nonlocal_backbone``)
-    the paper's one non-local block in res4. ``detector_kwargs`` go to ``MaskRCNN`` (``min_size``,
-    ``max_size``, RPN and box settings)."""
+    the paper's one non-local block in res4. ``num_classes`` counts the background: 81 for COCO's
+    80 categories as :class:`~nonlocalnet.data.coco.CocoDetection` numbers them (torchvision's own
+    COCO models use 91, the sparse category ids). ``detector_kwargs`` go to ``MaskRCNN``
+    (``min_size``, ``max_size``, RPN and box settings)."""
     _torchvision()
     from torchvision.models.detection import MaskRCNN
 
