@@ -78,9 +78,10 @@ def test_rle_and_box_only_masks(tmp_path):
     square[10:30, 8:28] = 1
     rle = mask_api.encode(square)
     data["annotations"][0]["segmentation"] = {"size": [64, 96], "counts": rle["counts"].decode("ascii")}
-    data["annotations"][2].pop("segmentation")  # no mask: the box is the mask
+    data["annotations"][2]["segmentation"] = [[1, 2, 3, 4]]  # only a degenerate polygon: the box is the mask
     annotations.write_text(json.dumps(data))
     ds = CocoDetection(images, annotations)
+    assert ds.skipped == {"degenerate polygon (fewer than 3 points)": 1}
     assert torch.equal(ds[0][1]["masks"][0], torch.from_numpy(np.ascontiguousarray(square)))
     box_mask = ds[1][1]["masks"][0]
     assert int(box_mask.sum()) == 400 and box_mask[10:30, 18:38].all()
@@ -107,8 +108,8 @@ def test_unusable_entries_are_skipped_and_counted(tmp_path):
     (lambda d: d["images"][1].pop("file_name"), r"images\[1\] \(id 101\): missing key 'file_name'"),
     (lambda d: d["annotations"][1].update(keypoints=[1, 2, 2]), r"annotations\[1\] \(id 2\): keypoints: expected 9"),
     (lambda d: d.pop("categories"), r"expected a top-level list 'categories'"),
-    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]),
-     r"annotations\[0\] \(id 1\): segmentation\[0\]: expected a polygon of at least 3"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, "x", 4, 5, 6]]),
+     r"annotations\[0\] \(id 1\): segmentation\[0\]: expected a polygon, a list of x, y numbers"),
     (lambda d: d["annotations"][0].update(segmentation={"size": [10, 10], "counts": "abc"}),
      r"annotations\[0\] \(id 1\): segmentation: RLE size \[10, 10\] is not the image's"),
     (lambda d: d["images"][0].update(width=0), r"images\[0\] \(id 100\): width: expected a positive int, got 0"),

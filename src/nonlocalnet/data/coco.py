@@ -7,7 +7,8 @@ The annotation file is checked when it is read. A missing key or a value of the 
 a detector cannot learn from are skipped and counted in ``skipped``:
 - images whose file does not exist;
 - boxes with zero or negative width or height;
-- crowd regions (``iscrowd: 1``), which COCOeval still handles.
+- crowd regions (``iscrowd: 1``), which COCOeval still handles;
+- polygons of fewer than 3 points (an annotation left without any takes its box as its mask).
 Categories map to labels 1..C in the order of their ids (0 is the background, as torchvision wants);
 with ``keypoints=True`` only the categories that list keypoint names do (the others' annotations
 are skipped and counted), since a keypoint model learns those alone.
@@ -101,6 +102,11 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
             raise AnnotationError(path, None, f"{where}: bbox: expected [x, y, width, height], got {box}")
         if "segmentation" in ann:
             _check_segmentation(path, where, ann["segmentation"], sizes.get(image_id))
+            if isinstance(ann["segmentation"], list):  # COCO has a few polygons of < 3 points: drop them
+                kept = [p for p in ann["segmentation"] if len(p) >= 6 and len(p) % 2 == 0]
+                if len(kept) < len(ann["segmentation"]):
+                    skipped["degenerate polygon (fewer than 3 points)"] += len(ann["segmentation"]) - len(kept)
+                    ann = {**ann, "segmentation": kept}
         if keypoints and "keypoints" in ann:
             points = _need(path, where, ann, "keypoints", list, "a flat list of x, y, visibility")
             if len(points) != 3 * num_keypoints:
@@ -124,13 +130,14 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
 
 
 def _check_segmentation(path, where: str, segmentation, size) -> None:
-    """Polygons: lists of at least 3 (x, y) points; RLE: ``size`` [height, width] and ``counts``."""
+    """Polygons: lists of numbers (those of fewer than 3 points are dropped by the caller); RLE:
+    ``size`` [height, width] and ``counts``."""
     if isinstance(segmentation, list):
         for k, polygon in enumerate(segmentation):
-            if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)):
-                raise AnnotationError(path, None, f"{where}: segmentation[{k}]: expected a polygon of at least 3 "
-                                                  f"x, y points, got {str(polygon)[:60]}")
+            if not isinstance(polygon, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        for v in polygon):
+                raise AnnotationError(path, None, f"{where}: segmentation[{k}]: expected a polygon, a list of "
+                                                  f"x, y numbers, got {str(polygon)[:60]}")
     elif isinstance(segmentation, dict):
         if "counts" not in segmentation or not isinstance(segmentation.get("size"), list):
             raise AnnotationError(path, None, f"{where}: segmentation: expected RLE with 'size' and 'counts', "
