@@ -175,15 +175,9 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(_recipe(args.config), args.set)
     out = args.out or os.path.join("runs", os.path.basename(args.config or "default").removesuffix(".yaml"))
-    try:
-        distributed.setup()
+    with distributed.session() as main:
         _logging()
-        main = distributed.is_main()
         summary = engine.train_job(cfg, out, resume=args.resume)
-    except BaseException:
-        distributed.teardown(wait=False)
-        raise
-    distributed.teardown()
     if main:
         print(engine.summary_table(summary))
         print(f"wrote {os.path.join(out, 'summary.json')}")
@@ -195,16 +189,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(_recipe(args.config), args.set) if args.config else None
-    try:
-        distributed.setup()
+    with distributed.session() as main:
         _logging()
-        main = distributed.is_main()
         report = engine.evaluate_checkpoint(args.weights, cfg, args.set, clips=args.clips, crops=args.crops,
                                             batch_size=args.batch_size)
-    except BaseException:
-        distributed.teardown(wait=False)
-        raise
-    distributed.teardown()
     if main:
         print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=1))
         if args.json:

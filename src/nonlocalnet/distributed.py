@@ -12,12 +12,13 @@ on 2 CPU cores, 2 of 10 plain 2-process runs aborted so, 0 of 30 with this teard
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "teardown", "world_size", "rank", "is_main", "all_reduce_sum", "broadcast_object"]
+__all__ = ["setup", "teardown", "session", "world_size", "rank", "is_main", "all_reduce_sum", "broadcast_object"]
 
 
 def setup(device: str | None = None) -> torch.device:
@@ -39,6 +40,19 @@ def teardown(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def session():
+    """:func:`setup` on entry; on exit :func:`teardown`, without the barrier if this rank failed.
+    Yields whether this is rank 0."""
+    setup()
+    try:
+        yield is_main()
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()
 
 
 def world_size() -> int:

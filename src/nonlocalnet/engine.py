@@ -339,8 +339,7 @@ def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, wo
     dist.all_reduce_sum(views)
     scores = totals / views.clamp(min=1).unsqueeze(1)
     targets = torch.stack([dataset.target(v) for v in range(videos)]) if videos else torch.zeros(0)
-    skipped = int(dist.all_reduce_sum(torch.tensor(float(skipped))).item())
-    return {"scores": scores, "views": views, "targets": targets, "skipped": skipped}
+    return {"scores": scores, "views": views, "targets": targets, "skipped": _total(skipped)}
 
 
 def evaluation_report(result: dict, multilabel: bool) -> dict:
@@ -636,9 +635,7 @@ def train_job(cfg: Config, out: str | os.PathLike, *, resume: bool = False) -> d
         summary[name] = {k: result[k] for k in keep if k in result}
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, out / "summary.json")
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Callable, Mapping
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_save
 from .models.resnet3d import Affine3d
 
 __all__ = ["Conversion", "load_caffe2_blobs", "convert_caffe2", "inflate_torchvision", "save_weights",
@@ -293,22 +293,7 @@ def save_weights(weights: nn.Module | Mapping[str, torch.Tensor], path: str | Pa
     state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
     payload = {"format": FORMAT, "model": model, "state_dict": {k: v.detach().cpu() for k, v in state.items()},
                "meta": dict(meta or {})}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(payload, path)
 
 
 def read_weights(path: str | PathLike) -> dict:

@@ -87,9 +87,18 @@ def read_classes(path) -> list[str]:
     for number, line in _lines(path):
         head, _, rest = line.partition(" ")
         names.append(rest.strip() if rest and (head.isdigit() or re.fullmatch(r"c\d+", head)) else line)
+    if not names:
+        raise AnnotationError(path, None, "no class names")
     if len(set(names)) != len(names):
         raise AnnotationError(path, None, "class names repeat")
     return names
+
+
+def _class_names(classes: Sequence[str] | str | os.PathLike | None) -> list[str] | None:
+    """Names given as a list or a file (:func:`read_classes`); None when not given."""
+    if isinstance(classes, (str, os.PathLike)):
+        return read_classes(classes)
+    return list(classes) if classes else None
 
 
 _LIST_LINE = re.compile(r"^(?P<path>.+?)(?:\s+|\s*,\s*)(?P<labels>-?\d+(?:(?:\s+|\s*,\s*)-?\d+)*)$")
@@ -100,7 +109,7 @@ def read_list(path, root: str | os.PathLike | None = None, classes: Sequence[str
     folder). ``classes``: names or a file of names; default ``"0"``, ``"1"``, ... up to the
     largest label."""
     root = Path(root) if root is not None else Path(path).parent
-    names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else (list(classes) if classes else None)
+    names = _class_names(classes)
     records, multilabel = [], False
     for number, line in _lines(path):
         match = _LIST_LINE.match(line)
@@ -160,10 +169,7 @@ def read_kinetics_csv(path, root, classes: Sequence[str] | str | None = None, sp
                                                     f"{entry['time_start']!r}, {entry['time_end']!r}") from None
             if split is None or entry.get("split") == split:
                 rows.append((number, entry.get("label", ""), f"{entry['youtube_id']}_{start:06d}_{end:06d}"))
-    if isinstance(classes, (str, os.PathLike)):
-        names = read_classes(classes)
-    else:
-        names = list(classes) if classes else sorted({label for _, label, _ in rows if label})
+    names = _class_names(classes) or sorted({label for _, label, _ in rows if label})
     lookup = {name: i for i, name in enumerate(names)}
     lookup.update({name.replace(" ", "_"): i for i, name in enumerate(names)})
     videos = _index_videos(Path(root))
@@ -201,10 +207,7 @@ def read_charades_csv(path, root, classes: Sequence[str] | str | None = None, ex
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(path, None, "no such annotation file")
-    if isinstance(classes, (str, os.PathLike)):
-        names = read_classes(classes)
-    else:
-        names = list(classes) if classes else [f"c{i:03d}" for i in range(CHARADES_CLASSES)]
+    names = _class_names(classes) or [f"c{i:03d}" for i in range(CHARADES_CLASSES)]
     records, missing = [], []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)

@@ -95,9 +95,8 @@ def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int 
     Indices past the last frame that decodes take the last frame (a stream can end early, e.g.
     a truncated file); negative indices are an error. ``threads``: FFmpeg decoding threads; 1 by
     default, because data loaders decode in parallel workers and FFmpeg's own threads then compete
-    with them and with the training step for the same cores (on an idle 2-core machine they save
-    about 15% on a 340x256 clip and nothing on the built-in set's, BENCHMARKS.md); 0: FFmpeg's
-    choice (frame and slice threads, one per core).
+    with them and with the training step for the same cores (on an idle 2-core machine they saved
+    3-17% per clip, BENCHMARKS.md); 0: FFmpeg's choice (frame and slice threads, one per core).
     """
     if threads < 0:
         raise ValueError(f"threads: expected 0 (FFmpeg's choice) or a positive count, got {threads}")

@@ -82,8 +82,10 @@ def render_video(rng: np.random.Generator, same: bool, *, height: int = 72, widt
     return np.clip(video, 0, 255).astype(np.uint8)
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, crf: int = 18) -> None:
-    """Encode uint8 (T, H, W, 3) RGB frames (even H, W) as H.264 in an mp4 (PyAV, ``video`` extra)."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, crf: int = 18,
+                gop: int | None = None) -> None:
+    """Encode uint8 (T, H, W, 3) RGB frames (even H, W) as H.264 in an mp4 (PyAV, ``video`` extra);
+    ``gop``: frames between keyframes (default: x264's)."""
     av = _av()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -93,6 +95,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, cr
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
         stream.codec_context.thread_count = 1  # fewer, not no, run-to-run differences in x264's output
+        if gop:
+            stream.codec_context.gop_size = gop
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
