@@ -1,5 +1,6 @@
 """Training configuration: dataclasses whose defaults are the paper's Kinetics recipe (shared/PAPER.md
-§3), read from flat YAML files (``configs/``) and ``key=value`` overrides.
+§3) (:class:`Config`) or the usual COCO detection recipe (:class:`DetectConfig`), read from flat YAML
+files (``configs/``) and ``key=value`` overrides.
 
 Merging is strict (OmegaConf structured configs): an unknown key or a value of the wrong type is a
 ``ValueError`` naming the key. Library code only ever sees the plain dataclasses.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "load_config", "check_config",
-           "merge_overrides", "to_yaml"]
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "DetectModelConfig",
+           "DetectDataConfig", "DetectTrainConfig", "DetectConfig", "load_config", "check_config", "merge_overrides",
+           "to_yaml"]
 
 
 @dataclass
@@ -68,7 +70,9 @@ class OptimConfig:
     steps: List[int] = field(default_factory=lambda: [150_000, 300_000])  # LR x gamma at each
     gamma: float = 0.1
     warmup: int = 0  # linear warm-up iterations (the paper has none)
+    warmup_factor: float = 0.0  # the LR factor the warm-up starts from (Detectron: 1/3)
     schedule: str = "steps"  # steps | cosine
+    clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off)
 
 
 @dataclass
@@ -92,21 +96,124 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def check_config(cfg: Config) -> Config:
+@dataclass
+class DetectModelConfig:
+    task: str = "mask"  # mask (boxes and masks: Table 5) | keypoint (Table 6)
+    depth: int = 50  # ResNet-50 or 101, with FPN
+    nonlocal_backbone: bool = True  # one block right before the last res4 block
+    nonlocal_head: bool = False  # keypoint: four blocks in the keypoint head
+    nonlocal_mode: str = "embedded_gaussian"
+    backbone_weights: str = ""  # a torchvision-format ImageNet ResNet state dict (empty: from scratch)
+    trainable_layers: int = 3  # torchvision's count of trainable ResNet stages (3: res3-res5, as Detectron)
+    weights: str = ""  # initial weights of the whole detector: a detection checkpoint
+    min_size: List[int] = field(default_factory=lambda: [800])  # several: one drawn per training batch
+    max_size: int = 1333
+    detector: Dict[str, Any] = field(default_factory=dict)  # more MaskRCNN / KeypointRCNN keyword arguments
+
+
+@dataclass
+class DetectDataConfig:
+    dataset: str = "shapes"  # shapes (made by the package) | coco
+    root: str = ""  # shapes: where the set is written (default ~/.cache/nonlocalnet/shapes-*)
+    train_images: str = ""  # coco: image folder and annotation file of each split
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    flip: bool = True  # random horizontal flip in training (keypoints: left and right swapped)
+    drop_empty: bool = True  # training skips images without annotations (Detectron's filter)
+    workers: int = 2
+    shapes_train: int = 64  # images
+    shapes_val: int = 16
+    shapes_size: List[int] = field(default_factory=lambda: [96, 128])  # height, width
+    shapes_seed: int = 0
+
+
+@dataclass
+class DetectTrainConfig:
+    seed: int = 0
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    checkpoint_every: int = 2000
+    eval_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 2  # images per process
+    log_every: int = 20
+    tensorboard: Optional[bool] = None
+    progress: bool = True
+    compare_baseline: bool = False  # also train the same detector without non-local blocks
+
+
+def _detect_optim() -> OptimConfig:
+    # Detectron's 1x schedule for 16 images per batch (the paper gives no COCO hyperparameters)
+    return OptimConfig(batch_size=16, lr=0.02, nesterov=False, iterations=90_000, steps=[60_000, 80_000],
+                       warmup=500, warmup_factor=1 / 3)
+
+
+@dataclass
+class DetectConfig:
+    model: DetectModelConfig = field(default_factory=DetectModelConfig)
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    optim: OptimConfig = field(default_factory=_detect_optim)
+    train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
+
+
+def _at_least(low: int, values: dict) -> None:
+    """Each ``key: value`` at least ``low`` (1: a positive int, 0: an int >= 0)."""
+    for key, value in values.items():
+        if value < low:
+            raise ValueError(f"{key}: expected {'a positive int' if low == 1 else f'an int >= {low}'}, got {value}")
+
+
+def _check_optim(cfg: OptimConfig) -> None:
+    _at_least(1, {"optim.batch_size": cfg.batch_size, "optim.accumulate": cfg.accumulate,
+                  "optim.iterations": cfg.iterations})
+    _at_least(0, {"optim.warmup": cfg.warmup})
+    if not 0 <= cfg.warmup_factor <= 1:
+        raise ValueError(f"optim.warmup_factor: expected a factor in [0, 1], got {cfg.warmup_factor}")
+    if cfg.clip_grad_norm < 0:
+        raise ValueError(f"optim.clip_grad_norm: expected a norm >= 0 (0: off), got {cfg.clip_grad_norm}")
+    if cfg.schedule not in ("steps", "cosine"):
+        raise ValueError(f"optim.schedule: expected 'steps' or 'cosine', got {cfg.schedule!r}")
+
+
+def _check_amp(amp: str) -> None:
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"train.amp: expected none, bf16 or fp16, got {amp!r}")
+
+
+def _check_detect(cfg: DetectConfig) -> DetectConfig:
+    _check_optim(cfg.optim)
+    _check_amp(cfg.train.amp)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.task not in ("mask", "keypoint"):
+        raise ValueError(f"model.task: expected 'mask' or 'keypoint', got {m.task!r}")
+    if m.depth not in (50, 101):
+        raise ValueError(f"model.depth: expected 50 or 101, got {m.depth}")
+    if m.nonlocal_head and m.task != "keypoint":
+        raise ValueError("model.nonlocal_head: the head blocks belong to the keypoint head (model.task: keypoint)")
+    if not m.min_size or min(m.min_size) < 1 or m.max_size < max(m.min_size):
+        raise ValueError(f"model.min_size: expected positive sizes up to model.max_size ({m.max_size}), "
+                         f"got {m.min_size}")
+    if d.dataset not in ("shapes", "coco"):
+        raise ValueError(f"data.dataset: expected 'shapes' or 'coco', got {d.dataset!r}")
+    if len(d.shapes_size) != 2 or min(d.shapes_size) < 32:
+        raise ValueError(f"data.shapes_size: expected [height, width] of at least 32, got {d.shapes_size}")
+    _at_least(1, {"data.shapes_train": d.shapes_train, "data.shapes_val": d.shapes_val,
+                  "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
+                  "train.eval_batch_size": t.eval_batch_size})
+    _at_least(0, {"data.workers": d.workers, "train.eval_every": t.eval_every})
+    return cfg
+
+
+def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     """Values a run cannot use, named by their key."""
-    positive = {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
-                "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
-                "data.test_clips": cfg.data.test_clips, "optim.batch_size": cfg.optim.batch_size,
-                "optim.accumulate": cfg.optim.accumulate, "optim.iterations": cfg.optim.iterations,
-                "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
-                "model.width": cfg.model.width}
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{key}: expected a positive int, got {value}")
-    for key, value in {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
-                       "train.eval_every": cfg.train.eval_every, "optim.warmup": cfg.optim.warmup}.items():
-        if value < 0:
-            raise ValueError(f"{key}: expected an int >= 0, got {value}")
+    if isinstance(cfg, DetectConfig):
+        return _check_detect(cfg)
+    _check_optim(cfg.optim)
+    _at_least(1, {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
+                  "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
+                  "data.test_clips": cfg.data.test_clips, "train.checkpoint_every": cfg.train.checkpoint_every,
+                  "train.log_every": cfg.train.log_every, "model.width": cfg.model.width})
+    _at_least(0, {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
+                  "train.eval_every": cfg.train.eval_every})
     if cfg.data.test_crops not in (1, 3):
         raise ValueError(f"data.test_crops: expected 1 or 3, got {cfg.data.test_crops}")
     if len(cfg.data.scales) != 2 or not 0 < cfg.data.scales[0] <= cfg.data.scales[1] or cfg.data.crop > cfg.data.scales[0]:
@@ -117,18 +224,17 @@ def check_config(cfg: Config) -> Config:
                          f"got {cfg.data.test_crop}")
     if not 0 <= cfg.model.dropout < 1:
         raise ValueError(f"model.dropout: expected a probability in [0, 1), got {cfg.model.dropout}")
-    if cfg.train.amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"train.amp: expected none, bf16 or fp16, got {cfg.train.amp!r}")
+    _check_amp(cfg.train.amp)
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (``optim.lr=0.005``);
-    checked with :func:`check_config`."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), schema: type = Config):
+    """Defaults of ``schema`` (:class:`Config` or :class:`DetectConfig`), then the YAML file at
+    ``path``, then ``key=value`` overrides (``optim.lr=0.005``); checked with :func:`check_config`."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(schema)
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config: no such file {os.fspath(path)!r}")

@@ -18,7 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "teardown", "session", "world_size", "rank", "is_main", "all_reduce_sum", "broadcast_object"]
+__all__ = ["setup", "teardown", "session", "world_size", "rank", "is_main", "all_reduce_sum", "broadcast_object",
+           "gather_objects"]
 
 
 def setup(device: str | None = None) -> torch.device:
@@ -81,3 +82,12 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values

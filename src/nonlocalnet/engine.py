@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -44,9 +45,9 @@ from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, rea
 from .metrics import classification_report, plot_confusion
 from .models import Affine3d, ResNet3d, create_model
 
-__all__ = ["ClipSampler", "build_model", "build_annotations", "param_groups", "learning_rate", "precise_bn",
+__all__ = ["ClipSampler", "clip_gradients", "build_model", "build_annotations", "param_groups", "learning_rate", "precise_bn",
            "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
-           "predict", "load_trained"]
+           "predict", "load_trained", "start_run", "save_run", "run_job", "Run", "train_loop"]
 
 log = logging.getLogger("nonlocalnet")
 
@@ -59,20 +60,30 @@ class ClipSampler(Sampler):
     """Training order: ``(index, seed)`` keys for :class:`VideoDataset`, one global batch after
     another, this rank's micro-batches only (module docstring). The last incomplete global batch
     of an epoch is dropped. ``set_epoch(epoch, start_step)`` picks the permutation and where in it
-    to start (a resumed run)."""
+    to start (a resumed run). With ``groups`` (a group id per item, e.g. images wider or taller
+    than high) every global batch holds items of one group, in random batch order; each group's
+    incomplete last batch is dropped."""
 
     def __init__(self, size: int, batch_size: int, *, accumulate: int = 1, world: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, groups: Sequence[int] | None = None,
+                 items: str = "training videos"):
         if accumulate < 1:
             raise ValueError(f"optim.accumulate: expected a positive int, got {accumulate}")
         if batch_size < 1 or batch_size % (world * accumulate):
             raise ValueError(f"optim.batch_size: expected a multiple of processes x optim.accumulate = {world} x "
                              f"{accumulate}, got {batch_size}")
         if size < batch_size:
-            raise ValueError(f"optim.batch_size: expected at most the {size} training videos, got {batch_size}")
+            raise ValueError(f"optim.batch_size: expected at most the {size} {items}, got {batch_size}")
         self.size, self.batch_size, self.accumulate, self.world, self.rank = size, batch_size, accumulate, world, rank
         self.micro = batch_size // (world * accumulate)
-        self.steps = size // batch_size
+        self.groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.int64)
+        if self.groups is not None and len(self.groups) != size:
+            raise ValueError(f"groups: expected one group id per item ({size}), got {len(self.groups)}")
+        counts = [size] if self.groups is None else torch.unique(self.groups, return_counts=True)[1].tolist()
+        self.steps = sum(count // batch_size for count in counts)
+        if self.steps == 0:
+            raise ValueError(f"optim.batch_size: expected at most the largest group's {max(counts)} items, "
+                             f"got {batch_size}")
         self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -84,6 +95,14 @@ class ClipSampler(Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        if self.groups is not None:  # whole batches of one group each, in random order
+            batches = []
+            for group in torch.unique(self.groups).tolist():
+                members = order[self.groups[order] == group]
+                whole = len(members) // self.batch_size * self.batch_size
+                batches.extend(members[:whole].split(self.batch_size))
+            pick = torch.randperm(len(batches), generator=generator) if self.shuffle else range(len(batches))
+            order = torch.cat([batches[i] for i in pick])
         for step in range(self.start, self.steps):
             for m in range(self.accumulate):
                 first = step * self.batch_size + (self.rank * self.accumulate + m) * self.micro
@@ -140,16 +159,24 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool = Fal
 
 def learning_rate(cfg: OptimConfig, iteration: int) -> float:
     """LR of a (0-based) iteration: steps (x gamma at each of ``cfg.steps``) or cosine to 0, times
-    a linear warm-up over the first ``cfg.warmup`` iterations."""
+    a linear warm-up over the first ``cfg.warmup`` iterations from ``cfg.warmup_factor``."""
     if cfg.schedule == "cosine":
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * iteration / cfg.iterations))
     elif cfg.schedule == "steps":
         lr = cfg.lr * cfg.gamma ** sum(iteration >= s for s in cfg.steps)
     else:
         raise ValueError(f"optim.schedule: expected 'steps' or 'cosine', got {cfg.schedule!r}")
-    if iteration < cfg.warmup:
-        lr *= (iteration + 1) / cfg.warmup
+    if iteration < cfg.warmup:  # from warmup_factor (0: 1 / warmup) up to 1
+        lr *= cfg.warmup_factor + (1 - cfg.warmup_factor) * (iteration + 1) / cfg.warmup
     return lr
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler, max_norm: float) -> None:
+    """Clip the gradients' global norm to ``max_norm`` (0: nothing), unscaled first under fp16."""
+    if max_norm > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -182,11 +209,28 @@ def _synthetic(cfg: DataConfig):
         raise ValueError(f"data.synthetic_size: expected [height, width], got {cfg.synthetic_size}")
     spec = SyntheticSpec(train=cfg.synthetic_train, val=cfg.synthetic_val, height=cfg.synthetic_size[0],
                          width=cfg.synthetic_size[1], frames=cfg.synthetic_frames, seed=cfg.synthetic_seed)
-    if cfg.root:
-        return Path(cfg.root), spec
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nonlocalnet"
-    key = "-".join(str(v) for v in (spec.train, spec.val, spec.height, spec.width, spec.frames, spec.seed))
-    return cache / f"synthetic-{key}", spec
+    return generated_set(cfg.root, "synthetic", spec, (spec.train, spec.val, spec.height, spec.width, spec.frames,
+                                                       spec.seed))
+
+
+def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
+    """The folder of a data set the package writes (``kind``: synthetic videos or shapes images):
+    ``root``, or by default ``~/.cache/nonlocalnet/<kind>-<key>``. Rank 0 writes it once (reused
+    while its spec is the same) and the other ranks wait for it."""
+    from .data.shapes import make_shapes
+    from .data.synthetic import make_synthetic
+
+    if not root:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nonlocalnet"
+        root = cache / f"{kind}-{'-'.join(str(v) for v in key)}"
+    if dist.is_main():
+        try:
+            {"synthetic": make_synthetic, "shapes": make_shapes}[kind](root, spec, log=log.info)
+        except ValueError as err:
+            raise ValueError(f"data.root / data.{kind}_*: {err}") from None
+    if dist.world_size() > 1:
+        torch.distributed.barrier()
+    return Path(root)
 
 
 def build_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
@@ -208,16 +252,7 @@ def build_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
 def _read_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
     kind = cfg.dataset
     if kind == "synthetic":
-        from .data.synthetic import make_synthetic
-
-        root, spec = _synthetic(cfg)
-        if dist.is_main():
-            try:
-                make_synthetic(root, spec, log=log.info)
-            except ValueError as err:
-                raise ValueError(f"data.root / data.synthetic_*: {err}") from None
-        if dist.world_size() > 1:
-            torch.distributed.barrier()
+        root = _synthetic(cfg)
         return (read_list(root / "train.txt", classes=root / "classes.txt"),
                 read_list(root / "val.txt", classes=root / "classes.txt"))
     for name in ("train", "val"):
@@ -252,8 +287,8 @@ def eval_dataset(annotations: Annotations, cfg: DataConfig, clips: int | None = 
                         test_crop=cfg.test_crop, clips=clips or cfg.test_clips, crops=crops or cfg.test_crops)
 
 
-def _loader(dataset, batch_size: int, sampler, workers: int, persistent: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+def _loader(dataset, batch_size: int, sampler, workers: int, persistent: bool = False, collate_fn=collate) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
                       persistent_workers=persistent and workers > 0,
                       multiprocessing_context="fork" if workers and os.name == "posix" else None)
@@ -263,7 +298,7 @@ def _report_skipped(skipped, seen: set) -> int:
     for item in skipped:
         if item.path not in seen:
             seen.add(item.path)
-            log.warning("skipped video %s: %s", item.path, item.reason)
+            log.warning("skipped %s: %s", item.path, item.reason)
     return len(skipped)
 
 
@@ -408,6 +443,88 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, disable=None)
 
 
+@dataclasses.dataclass
+class Run:
+    """Where a training run stands: the iteration, this rank's count of unreadable items and its
+    sums since the last log record (what a checkpoint keeps per rank)."""
+
+    iteration: int
+    skipped: int
+    meter: torch.Tensor
+
+
+def train_loop(cfg, run: Run, sampler: ClipSampler, loader, net: nn.Module, optimizer, scaler, logger, *, name: str,
+               unit: str, micro_step, unreadable, summarize, evaluate, save):
+    """The iteration loop of the video and detection engines, from ``run.iteration`` to
+    ``cfg.optim.iterations``: the epoch and sampler position, the LR schedule, ``accumulate``
+    micro-batches per step (``micro_step(batch, m, sync) -> whether it ran backward``; the
+    gradients are synchronised across ranks when ``sync``), gradient clipping and the optimizer
+    step, log records every ``cfg.train.log_every`` iterations (``summarize(meter, seconds)``
+    gives the run's own fields) with a progress bar or ETA lines, ``evaluate(iteration)`` at
+    ``eval_every`` and at the end, ``save()`` every ``checkpoint_every`` and at the end. Returns
+    the last evaluation's result (None if the run was already finished)."""
+    world = dist.world_size()
+    bar = _progress(cfg.optim.iterations, run.iteration, cfg.train.progress, name or "train")
+    names: set = set()
+    result = None
+    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
+    started, first_iteration = tick, run.iteration
+    try:
+        while run.iteration < cfg.optim.iterations:
+            epoch, start = divmod(run.iteration, sampler.steps)
+            sampler.set_epoch(epoch, start)
+            batches = iter(loader)
+            for _ in range(start, sampler.steps):
+                if run.iteration >= cfg.optim.iterations:
+                    break
+                lr = learning_rate(cfg.optim, run.iteration)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                net.train()
+                optimizer.zero_grad(set_to_none=True)
+                backward = False
+                for m in range(sampler.accumulate):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    data_time += time.perf_counter() - t0
+                    run.skipped += _report_skipped(unreadable(batch), names)
+                    backward |= micro_step(batch, m, m == sampler.accumulate - 1 or world == 1)
+                if backward:
+                    clip_gradients(optimizer, scaler, cfg.optim.clip_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                run.iteration += 1
+                window_iterations += 1
+                if bar is not None:
+                    bar.update(1)
+                last = run.iteration == cfg.optim.iterations
+                if run.iteration % cfg.train.log_every == 0 or last:
+                    dist.all_reduce_sum(run.meter)
+                    record = {"iteration": run.iteration, "epoch": epoch, "lr": lr,
+                              **summarize(run.meter, max(time.perf_counter() - tick, 1e-9)),
+                              "data_s_per_iter": data_time / max(window_iterations, 1), "skipped": _total(run.skipped)}
+                    logger(record)
+                    if bar is not None and not bar.disable:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
+                    elif dist.is_main():
+                        rate = (run.iteration - first_iteration) / max(time.perf_counter() - started, 1e-9)
+                        eta = (cfg.optim.iterations - run.iteration) / max(rate, 1e-9)
+                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f %s/s eta %d:%02d", name or "train", run.iteration,
+                                 cfg.optim.iterations, record["loss"], lr, record[f"{unit}_per_s"], unit, eta // 60,
+                                 eta % 60)
+                    run.meter.zero_()
+                    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
+                if last or (cfg.train.eval_every and run.iteration % cfg.train.eval_every == 0):
+                    result = evaluate(run.iteration)
+                if last or run.iteration % cfg.train.checkpoint_every == 0:
+                    save()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return result
+
+
 def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str = "") -> dict:
     """Train ``cfg`` into ``out`` (checkpoint.pt, metrics.jsonl, tensorboard/, config.yaml,
     result.json, confusion.png) and evaluate it; returns the evaluation report."""
@@ -425,120 +542,58 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
                                 lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     checkpoint_path = out / "checkpoint.pt"
-    iteration, skipped = 0, 0  # skipped: this rank's unreadable training clips
-    meter = torch.zeros(3, dtype=torch.float64)  # since the last log record: loss sum, correct, clips
-    if checkpoint_path.exists() and not resume:
-        raise ValueError(f"out: {out} already holds a run (checkpoint.pt); pass --resume to continue it or "
-                         f"choose another --out")
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when the run so far had no fp16 scaler
-            scaler.load_state_dict(state["scaler"])
-        iteration = state["iteration"]
-        own = rank if rank < len(state["rng"]) else 0
-        set_rng_state(state["rng"][own])
-        if rank < len(state["skipped"]):  # another process count restarts the counts and the log window
-            skipped, meter = state["skipped"][rank], state["meter"][rank].clone()
-        if state["classes"] != train_ann.classes:
-            raise ValueError(f"resume: the checkpoint's classes differ from the data's ({len(state['classes'])} vs "
-                             f"{len(train_ann.classes)})")
-        log.info("%sresuming %s at iteration %d", f"{name}: " if name else "", checkpoint_path, iteration)
-        if state["config"] != to_yaml(cfg):
-            log.warning("resume: the configuration differs from the checkpoint's; the run goes on with the new one")
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    # the log window's sums: loss, correct, clips
+    run = start_run(checkpoint_path, resume, model, optimizer, scaler, cfg, name, meter_size=3,
+                    labels={"classes": list(train_ann.classes)})
+    iteration = run.iteration
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train_set = _train_dataset(train_ann, cfg.data)
     sampler = ClipSampler(len(train_set), cfg.optim.batch_size, accumulate=cfg.optim.accumulate, world=world,
                           rank=rank, seed=cfg.train.seed)
     loader = _loader(train_set, sampler.micro, sampler, cfg.data.workers, persistent=True)
-    logger = _Logger(out, cfg.train.tensorboard, iteration if resume else None)
-    bar = _progress(cfg.optim.iterations, iteration, cfg.train.progress, name or "train")
-    names: set = set()
     window = max(1, cfg.data.crop // 32)
-    result = None
-    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
-    started, first_iteration = tick, iteration
-    try:
-        while iteration < cfg.optim.iterations:
-            epoch, start = divmod(iteration, sampler.steps)
-            sampler.set_epoch(epoch, start)
-            batches = iter(loader)
-            for _ in range(start, sampler.steps):
-                if iteration >= cfg.optim.iterations:
-                    break
-                lr = learning_rate(cfg.optim, iteration)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                net.train()
-                optimizer.zero_grad(set_to_none=True)
-                backward = False
-                for m in range(sampler.accumulate):
-                    t0 = time.perf_counter()
-                    batch = next(batches)
-                    data_time += time.perf_counter() - t0
-                    skipped += _report_skipped(batch["skipped"], names)
-                    sync = m == sampler.accumulate - 1 or world == 1
-                    if "clip" not in batch:  # every clip of this micro-batch was unreadable
-                        if world == 1:
-                            continue
-                        # the other ranks wait for this one's gradients: contribute zeros
-                        size = (1, 3, cfg.data.frames, cfg.data.crop, cfg.data.crop)
-                        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
-                            zero = net(torch.zeros(size, device=device)).float().sum() * 0.0
-                        scaler.scale(zero).backward()
-                        backward = True
-                        continue
-                    clips, target = batch["clip"].to(device, non_blocking=True), batch["target"].to(device)
-                    with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
-                        logits = net(clips)
-                        loss = _loss(logits, target, multilabel)
-                    scaler.scale(loss / sampler.accumulate).backward()
-                    backward = True
-                    meter += torch.tensor([loss.item() * len(clips), 0.0 if multilabel else
-                                           (logits.argmax(1) == target).sum().item(), len(clips)], dtype=torch.float64)
-                if backward:
-                    scaler.step(optimizer)
-                    scaler.update()
-                iteration += 1
-                window_iterations += 1
-                if bar is not None:
-                    bar.update(1)
-                last = iteration == cfg.optim.iterations
-                if iteration % cfg.train.log_every == 0 or last:
-                    dist.all_reduce_sum(meter)
-                    elapsed = time.perf_counter() - tick
-                    record = {"iteration": iteration, "epoch": epoch, "lr": lr,
-                              "loss": meter[0].item() / max(meter[2].item(), 1),
-                              "clips_per_s": meter[2].item() / max(elapsed, 1e-9),
-                              "data_s_per_iter": data_time / max(window_iterations, 1),
-                              "skipped": _total(skipped)}
-                    if not multilabel:
-                        record["top1"] = meter[1].item() / max(meter[2].item(), 1)
-                    logger(record)
-                    if bar is not None and not bar.disable:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
-                    elif dist.is_main():
-                        rate = (iteration - first_iteration) / max(time.perf_counter() - started, 1e-9)
-                        eta = (cfg.optim.iterations - iteration) / max(rate, 1e-9)
-                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f clips/s eta %d:%02d", name or "train", iteration,
-                                 cfg.optim.iterations, record["loss"], lr, record["clips_per_s"], eta // 60, eta % 60)
-                    meter.zero_()
-                    tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
-                evaluate_now = last or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0)
-                if evaluate_now:
-                    result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
-                    logger({"iteration": iteration, "kind": "val",
-                            **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
-                if last or iteration % cfg.train.checkpoint_every == 0:
-                    _save(checkpoint_path, model, optimizer, scaler, iteration, skipped, meter, cfg, train_ann)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
+
+    def micro_step(batch: dict, m: int, sync: bool) -> bool:
+        if "clip" not in batch:  # every clip of this micro-batch was unreadable
+            if world == 1:
+                return False
+            # the other ranks wait for this one's gradients: contribute zeros
+            size = (1, 3, cfg.data.frames, cfg.data.crop, cfg.data.crop)
+            with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
+                zero = net(torch.zeros(size, device=device)).float().sum() * 0.0
+            scaler.scale(zero).backward()
+            return True
+        clips, target = batch["clip"].to(device, non_blocking=True), batch["target"].to(device)
+        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
+            logits = net(clips)
+            loss = _loss(logits, target, multilabel)
+        scaler.scale(loss / sampler.accumulate).backward()
+        run.meter += torch.tensor([loss.item() * len(clips), 0.0 if multilabel else
+                                   (logits.argmax(1) == target).sum().item(), len(clips)], dtype=torch.float64)
+        return True
+
+    def summarize(meter: torch.Tensor, elapsed: float) -> dict:
+        record = {"loss": meter[0].item() / max(meter[2].item(), 1), "clips_per_s": meter[2].item() / elapsed}
+        if not multilabel:
+            record["top1"] = meter[1].item() / max(meter[2].item(), 1)
+        return record
+
+    def evaluate_now(iteration: int) -> dict:
+        result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
+        logger({"iteration": iteration, "kind": "val",
+                **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+        return result
+
+    def save() -> None:
+        save_run(checkpoint_path, model, optimizer, scaler, run.iteration, cfg,
+                 {"skipped": run.skipped, "meter": run.meter}, classes=list(train_ann.classes),
+                 multilabel=train_ann.multilabel)
+
+    logger = _Logger(out, cfg.train.tensorboard, iteration if resume else None)
+    result = train_loop(cfg, run, sampler, loader, net, optimizer, scaler, logger, name=name, unit="clips",
+                        micro_step=micro_step, unreadable=lambda batch: batch["skipped"], summarize=summarize,
+                        evaluate=evaluate_now, save=save)
+    iteration, skipped = run.iteration, run.skipped
     if result is None:  # resumed a finished run
         result = _evaluate_run(net, cfg, train_set, val_ann, device, window, iteration)
     result["skipped_train_clips"] = _total(skipped)
@@ -590,18 +645,49 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save(path, model, optimizer, scaler, iteration, skipped, meter, cfg, annotations) -> None:
-    """Rank 0 writes; each rank's RNG states, skip count and unlogged loss window are gathered first."""
-    per_rank = [(rng_state(), skipped, meter.clone())]
-    if dist.world_size() > 1:
-        per_rank = [None] * dist.world_size()
-        torch.distributed.all_gather_object(per_rank, (rng_state(), skipped, meter.clone()))
+def start_run(path: Path, resume: bool, model: nn.Module, optimizer, scaler, cfg, name: str = "", *,
+              meter_size: int, labels: dict) -> Run:
+    """A new run, or (``resume``) the one checkpointed at ``path``: model, optimizer, scaler, this
+    rank's RNG state, skip count and log window restored; ``labels`` (the class names or category
+    ids) must be the checkpoint's. A new run refuses to overwrite one. Writes ``config.yaml``."""
+    if path.exists() and not resume:
+        raise ValueError(f"out: {path.parent} already holds a run (checkpoint.pt); pass --resume to continue it or "
+                         f"choose another --out")
+    run = Run(0, 0, torch.zeros(meter_size, dtype=torch.float64))
+    if resume and path.exists():
+        state = load_checkpoint(path)
+        for key, value in labels.items():
+            if state[key] != value:
+                raise ValueError(f"resume: the checkpoint's {key} differ from the data's ({len(state[key])}: "
+                                 f"{state[key][:5]}... vs {len(value)}: {value[:5]}...)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when the run so far had no fp16 scaler
+            scaler.load_state_dict(state["scaler"])
+        rank = dist.rank()
+        set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
+        run.iteration = state["iteration"]
+        if rank < len(state["skipped"]):  # another process count restarts the counts and the log window
+            run.skipped, run.meter = state["skipped"][rank], state["meter"][rank].clone()
+        log.info("%sresuming %s at iteration %d", f"{name}: " if name else "", path, run.iteration)
+        if state["config"] != to_yaml(cfg):
+            log.warning("resume: the configuration differs from the checkpoint's; the run goes on with the new one")
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+def save_run(path, model, optimizer, scaler, iteration: int, cfg, per_rank: dict, **fields) -> None:
+    """A training checkpoint, written by rank 0: model, optimizer, scaler, iteration, configuration,
+    ``fields``, and every rank's RNG state and ``per_rank`` values, gathered as lists (key -> [rank 0's,
+    rank 1's, ...])."""
+    mine = {"rng": rng_state(), **{k: v.clone() if torch.is_tensor(v) else v for k, v in per_rank.items()}}
+    ranks = dist.gather_objects(mine)
     if dist.is_main():
         save_checkpoint(path, {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "iteration": iteration,
-                               "skipped": [n for _, n, _ in per_rank], "rng": [r for r, _, _ in per_rank],
-                               "meter": [m for _, _, m in per_rank], "config": to_yaml(cfg), "classes": list(annotations.classes),
-                               "multilabel": annotations.multilabel})
+                               "scaler": scaler.state_dict(), "iteration": iteration, "config": to_yaml(cfg),
+                               **{k: [r[k] for r in ranks] for k in mine}, **fields})
 
 
 # ----------------------------------------------------------------------------------------------- jobs
@@ -619,20 +705,28 @@ def train_job(cfg: Config, out: str | os.PathLike, *, resume: bool = False) -> d
     """``nonlocalnet train``: one run into ``out``, or with ``train.compare_baseline`` the network
     without (``out/baseline``) and with (``out/nonlocal``) its non-local blocks. Writes and
     returns ``out/summary.json``: per run top1 / top5 (or mAP) and the others' numbers."""
+    keep = ("top1", "top5", "mean_class_accuracy", "mAP", "videos", "videos_without_views", "skipped_views",
+            "skipped_train_clips")
+    baseline = _without_nonlocal(cfg) if cfg.train.compare_baseline else None
+    return run_job(cfg, baseline, out, resume, fit, lambda result: {k: result[k] for k in keep if k in result})
+
+
+def run_job(cfg, baseline, out: str | os.PathLike, resume: bool, fit_run, summarize) -> dict:
+    """One run of ``cfg`` into ``out`` or, given a ``baseline`` configuration, both into
+    ``out/baseline`` and ``out/nonlocal``. A run whose ``result.json`` exists under the same
+    configuration is not repeated on ``resume``. Writes ``out/summary.json``: {run: summarize(result)}."""
     out = Path(out)
-    runs = {"baseline": _without_nonlocal(cfg), "nonlocal": cfg} if cfg.train.compare_baseline else {"model": cfg}
+    runs = {"baseline": baseline, "nonlocal": cfg} if baseline is not None else {"model": cfg}
     summary = {}
     for name, run_cfg in runs.items():
-        folder = out / name if cfg.train.compare_baseline else out
+        folder = out / name if baseline is not None else out
         done = folder / "result.json"
         if resume and done.exists() and (folder / "config.yaml").read_text() == to_yaml(run_cfg):
             result = json.loads(done.read_text())
             log.info("%s: finished before, result read from %s", name, done)
         else:
-            result = fit(run_cfg, folder, resume=resume, name=name)
-        keep = ("top1", "top5", "mean_class_accuracy", "mAP", "videos", "videos_without_views", "skipped_views",
-                "skipped_train_clips")
-        summary[name] = {k: result[k] for k in keep if k in result}
+            result = fit_run(run_cfg, folder, resume=resume, name=name)
+        summary[name] = summarize(result)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -60,7 +60,7 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise AnnotationError(path, None, f"expected a top-level list {key!r}")
-    categories, with_points, num_keypoints = [], [], 0
+    categories, with_points, num_keypoints, keypoint_names = [], [], 0, []
     for i, cat in enumerate(data["categories"]):
         categories.append(_need(path, f"categories[{i}]", cat, "id", int, "an int"))
         if cat.get("keypoints"):
@@ -68,7 +68,7 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
             if num_keypoints and len(names) != num_keypoints:
                 raise AnnotationError(path, None, f"categories[{i}]: keypoints: expected {num_keypoints} names like "
                                                   f"the other keypoint categories, got {len(names)}")
-            num_keypoints = len(names)
+            num_keypoints, keypoint_names = len(names), [str(n) for n in names]
             with_points.append(categories[-1])
     if keypoints and not num_keypoints:
         raise AnnotationError(path, None, "keypoints: no category lists its 'keypoints' names")
@@ -126,7 +126,7 @@ def read_coco(annotation_file, image_root, *, keypoints: bool = False) -> dict:
             continue
         per_image[image_id].append(ann)
     return {"images": list(images.values()), "annotations": per_image, "category_ids": category_ids,
-            "num_keypoints": num_keypoints, "skipped": dict(skipped)}
+            "num_keypoints": num_keypoints, "keypoint_names": keypoint_names, "skipped": dict(skipped)}
 
 
 def _check_segmentation(path, where: str, segmentation, size) -> None:
@@ -160,6 +160,7 @@ class CocoDetection(Dataset):
         parsed = read_coco(annotation_file, image_root, keypoints=keypoints)
         self.annotation_file, self.keypoints = os.fspath(annotation_file), keypoints
         self.category_ids, self.num_keypoints = parsed["category_ids"], parsed["num_keypoints"]
+        self.keypoint_names = parsed["keypoint_names"]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self.annotations = parsed["annotations"]
         self.images = [im for im in parsed["images"] if self.annotations.get(im["id"]) or not drop_empty]

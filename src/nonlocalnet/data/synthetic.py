@@ -110,21 +110,8 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec | None = None, *
     """
     spec = spec or SyntheticSpec()
     spec.check()
-    root = Path(root)
-    manifest = {"version": _VERSION, **asdict(spec)}
-    try:
-        if json.loads((root / "manifest.json").read_text()) == manifest:
-            return root
-    except (OSError, ValueError):
-        pass
-    if root.exists() and any(root.iterdir()):
-        if not (root / "manifest.json").exists():
-            raise ValueError(f"root: {root} is not empty and holds no synthetic set; choose an empty folder")
-        shutil.rmtree(root)  # an older or different synthetic set
-    root.parent.mkdir(parents=True, exist_ok=True)
-    log(f"writing the synthetic set to {root} ({spec.train} train + {spec.val} val videos, once)")
-    work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
+
+    def build(work: Path) -> None:
         rng = np.random.default_rng(spec.seed)
         for split, count in (("train", spec.train), ("val", spec.val)):
             (work / "videos" / split).mkdir(parents=True)
@@ -137,6 +124,30 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec | None = None, *
                 lines.append(f"{name} {label}\n")
             (work / f"{split}.txt").write_text("".join(lines))
         (work / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES))
+
+    return build_once(root, {"version": _VERSION, **asdict(spec)}, build, log,
+                      f"the synthetic set ({spec.train} train + {spec.val} val videos)")
+
+
+def build_once(root: str | os.PathLike, manifest: dict, build, log, what: str) -> Path:
+    """Make a generated data set under ``root`` once: reused while ``root/manifest.json`` equals
+    ``manifest``, otherwise built by ``build(folder)`` in a temporary folder beside ``root`` and
+    renamed into place (an interrupted build leaves nothing half-written). Returns ``root``."""
+    root = Path(root)
+    try:
+        if json.loads((root / "manifest.json").read_text()) == manifest:
+            return root
+    except (OSError, ValueError):
+        pass
+    if root.exists() and any(root.iterdir()):
+        if not (root / "manifest.json").exists():
+            raise ValueError(f"root: {root} is not empty and holds no generated set; choose an empty folder")
+        shutil.rmtree(root)  # an older or different generated set
+    root.parent.mkdir(parents=True, exist_ok=True)
+    log(f"writing {what} to {root} (once)")
+    work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    try:
+        build(work)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if root.exists():
             root.rmdir()
