@@ -204,4 +204,5 @@ def test_coco_evaluation_of_a_real_model_runs(tmp_path):
     torch.manual_seed(0)
     model = mask_rcnn(50, num_classes=3, min_size=64, max_size=96, box_score_thresh=0.0, box_detections_per_img=5)
     report = coco_evaluate(model, ds, ("bbox", "segm"))
-    assert all(0.0 <= v <= 1.0 or v == -1.0 for r in report.values() for v in r.values())
+    assert all(0.0 <= v <= 1.0 or v == -1.0 for t in ("bbox", "segm") for v in report[t].values())
+    assert report["images"] == 2 and report["skipped_images"] == 0

@@ -80,3 +80,22 @@ def test_cuda_training_with_mixed_precision(tmp_path, amp):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert all("NaN" not in line for line in lines)
 
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_detection_training_with_mixed_precision(tmp_path, amp):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("pycocotools")
+    from test_coco import make_coco
+    from test_detect_train import coco_config
+
+    from nonlocalnet import detect
+
+    images, annotations, _ = make_coco(tmp_path, images=4)
+    cfg = coco_config(images, annotations, f"train.amp={amp}", "optim.batch_size=2", "optim.iterations=6",
+                      "train.log_every=2")
+    result = detect.fit(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["model"]["backbone.body.layer3.4.nonlocal_block.out.weight"].abs().sum() > 0
+    assert set(result["bbox"]) == set(detect.STAT_NAMES["bbox"]) and result["images"] == 4

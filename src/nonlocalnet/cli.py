@@ -145,13 +145,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe(name: str | None) -> str:
-    """A config path, or the name of a recipe shipped in nonlocalnet/configs (default: default)."""
+def _recipe(name: str | None, default: str = "default") -> str:
+    """A config path, or the name of a recipe shipped in nonlocalnet/configs (default: ``default``)."""
     from importlib import resources
 
     if name is not None and (os.path.sep in name or os.path.exists(name)):
         return name
-    stem = (name or "default").removesuffix(".yaml")
+    stem = (name or default).removesuffix(".yaml")
     path = resources.files("nonlocalnet") / "configs" / f"{stem}.yaml"
     if not path.is_file():
         shipped = sorted(p.name.removesuffix(".yaml") for p in (resources.files("nonlocalnet") / "configs").iterdir()
@@ -170,16 +170,24 @@ def _logging() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import distributed, engine
+    from . import engine
+    from .config import Config
+
+    return _training(args, engine, Config, "default")
+
+
+def _training(args: argparse.Namespace, jobs, schema, default: str) -> int:
+    """``train`` and ``detect train``: the config (a shipped recipe by default), the job, its table."""
+    from . import distributed
     from .config import load_config
 
-    cfg = load_config(_recipe(args.config), args.set)
-    out = args.out or os.path.join("runs", os.path.basename(args.config or "default").removesuffix(".yaml"))
+    cfg = load_config(_recipe(args.config, default), args.set, schema=schema)
+    out = args.out or os.path.join("runs", os.path.basename(args.config or default).removesuffix(".yaml"))
     with distributed.session() as main:
         _logging()
-        summary = engine.train_job(cfg, out, resume=args.resume)
+        summary = jobs.train_job(cfg, out, resume=args.resume)
     if main:
-        print(engine.summary_table(summary))
+        print(jobs.summary_table(summary))
         print(f"wrote {os.path.join(out, 'summary.json')}")
     return 0
 
@@ -214,6 +222,30 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _detect_train(args: argparse.Namespace) -> int:
+    from . import detect
+    from .config import DetectConfig
+
+    return _training(args, detect, DetectConfig, "detect_shapes")
+
+
+def _detect_evaluate(args: argparse.Namespace) -> int:
+    from . import detect, distributed
+    from .config import DetectConfig, load_config
+
+    cfg = load_config(_recipe(args.config), args.set, schema=DetectConfig) if args.config else None
+    with distributed.session() as main:
+        _logging()
+        report = detect.evaluate_checkpoint(args.weights, cfg, args.set, batch_size=args.batch_size)
+    if main:
+        print(detect.summary_table({"model": report}))
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -224,17 +256,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _training_arguments(p: argparse.ArgumentParser, handler, default: str) -> None:
+    p.add_argument("config", nargs="?", help=f"YAML config or shipped recipe name (default: {default})")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.005")
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train (default: the built-in C2D vs non-local job on synthetic videos)")
-    p.add_argument("config", nargs="?", help="YAML config or shipped recipe name (default: default)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.005")
-    p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.set_defaults(handler=_train)
+    _training_arguments(commands.add_parser(
+        "train", help="train (default: the built-in C2D vs non-local job on synthetic videos)"), _train, "default")
 
     p = commands.add_parser("evaluate", help="multi-view test of a trained checkpoint on data.val")
     p.add_argument("config", nargs="?", help="config whose data.val to use (default: the checkpoint's)")
@@ -253,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=_positive)
     p.add_argument("--crops", type=int, choices=(1, 3))
     p.set_defaults(handler=_predict)
+
+    p = commands.add_parser("detect", help="COCO detection, masks and keypoints with non-local Mask R-CNN "
+                                           "(extra: detection)")
+    detect = p.add_subparsers(dest="detect_command", required=True)
+    _training_arguments(detect.add_parser(
+        "train", help="train and COCO-evaluate a detector (default: Mask R-CNN with and without its non-local "
+                      "block on the built-in shapes set)"), _detect_train, "detect_shapes")
+    p = detect.add_parser("evaluate", help="COCOeval (box, mask, keypoint AP) of a detection checkpoint")
+    p.add_argument("config", nargs="?", help="config whose validation set to use (default: the checkpoint's)")
+    p.add_argument("--weights", required=True, help="checkpoint.pt of a detection training run")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=_positive, default=2, help="images per process")
+    p.add_argument("--json", help="also write the report here")
+    p.set_defaults(handler=_detect_evaluate)
 
     p = commands.add_parser("bench", help="time and check the block's fast paths against the naive reference")
     p.add_argument("--shape", default="res4", help=f"{' | '.join(SHAPES)}, or sizes 'B,C,T,H,W' (default res4)")
@@ -303,8 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:  # bad arguments reach the user as one line, not a traceback
-        print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # one line, not a traceback: bad arguments,
+        if isinstance(err, ImportError) and "nonlocalnet[" not in str(err):  # or a missing extra (named)
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "detect_command", None))))
+        print(f"nonlocalnet {command}: error: {err}", file=sys.stderr)
         return 2
 
 

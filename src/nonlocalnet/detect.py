@@ -1,30 +1,64 @@
-"""Detection evaluation with pycocotools' COCOeval (the ``detection`` extra): box, mask and keypoint
-AP, AP50, AP75 and AP by object size, for torchvision-style detection models on a
-:class:`~nonlocalnet.data.coco.CocoDetection` set.
+"""Detection training and evaluation (the ``detection`` extra: torchvision and pycocotools):
+``nonlocalnet detect train|evaluate``.
 
-Predictions are turned into COCO results: boxes as [x, y, width, height], masks thresholded at 0.5
-and RLE-encoded, keypoints as flat (x, y, score) lists, labels mapped back to the file's category
-ids. The ground truth is the annotation file itself, restricted to the images the data set kept.
+Training (:func:`fit`) follows the usual COCO recipe (Detectron's 1x schedule, since the paper gives
+no COCO hyperparameters): SGD with momentum, weight decay 1e-4 off for biases, the step schedule
+with a linear warm-up from 1/3, random horizontal flips (keypoints change sides by name: ``left_*``
+and ``right_*`` swap), batches of images of one orientation (wider or taller), AMP on CUDA,
+gradient clipping on request, an atomic checkpoint every N iterations and exact ``resume``, under
+``torchrun`` with the global batch split as in the video engine (:class:`~nonlocalnet.engine.ClipSampler`).
+Every random draw (the flips, the model's choice of training size and its sampled anchors and RoIs)
+depends only on the seed, the iteration and the micro-batch, so one process with ``accumulate = k``
+trains what k processes do and a resumed run repeats the uninterrupted one.
+An image that cannot be read is skipped, counted and named in the log.
+
+Evaluation (:func:`coco_evaluate`) is pycocotools' COCOeval: box, mask and keypoint AP, AP50, AP75
+and AP by object size. Predictions are turned into COCO results: boxes as [x, y, width, height],
+masks thresholded at 0.5 and RLE-encoded, keypoints as flat (x, y, score) lists, labels mapped
+back to the file's category ids. The ground truth is the annotation file itself, restricted to the
+images the data set kept. Under torchrun each process predicts a share of the images and rank 0
+scores them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
 
+from . import distributed as dist
+from .checkpoint import load_checkpoint
+from .config import DetectConfig, DetectDataConfig, DetectModelConfig, merge_overrides
 from .data.coco import CocoDetection
+from .data.datasets import Skipped
+from .engine import (ClipSampler, _autocast, _Logger, _loader, _seed, _total, _unwrap, _write_atomic,
+                     generated_set, param_groups, run_job, save_run, start_run, train_loop)
 
-__all__ = ["STAT_NAMES", "to_coco_results", "coco_evaluate"]
+__all__ = ["STAT_NAMES", "LOSSES", "to_coco_results", "coco_evaluate", "keypoint_flip_map", "hflip", "ImageItems",
+           "collate_images", "build_detector", "build_datasets", "fit", "train_job", "summary_table",
+           "load_detector", "evaluate_checkpoint"]
+
+log = logging.getLogger("nonlocalnet")
 
 STAT_NAMES = {
     "bbox": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
     "segm": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
     "keypoints": ("AP", "AP50", "AP75", "APm", "APl"),
 }
+IOU_TYPES = {"mask": ("bbox", "segm"), "keypoint": ("bbox", "keypoints")}
+LOSSES = {"mask": ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"),
+          "keypoint": ("loss_classifier", "loss_box_reg", "loss_keypoint", "loss_objectness", "loss_rpn_box_reg")}
 
 
 def _pycocotools():
@@ -99,29 +133,49 @@ def _keypoint_params(params, truth) -> None:
 
 @torch.no_grad()
 def coco_evaluate(model, dataset: CocoDetection, iou_types=("bbox", "segm"), *, device="cpu", batch_size: int = 2,
-                  predict=None) -> dict[str, dict[str, float]]:
+                  workers: int = 0, amp: str = "none", predict=None) -> dict[str, dict[str, float]]:
     """Run ``model`` (or ``predict(images) -> outputs``) over ``dataset`` and score it with
-    COCOeval. Returns ``{iou_type: {"AP": ..., "AP50": ..., ...}}`` (fractions; -1 where COCOeval
-    has nothing to score)."""
+    COCOeval. Returns ``{iou_type: {"AP": ..., "AP50": ..., ...}, "images": scored,
+    "skipped_images": unreadable}`` (fractions; -1 where COCOeval has nothing to score). Under
+    torchrun every rank predicts every world-size-th image and all get rank 0's report."""
     COCO, COCOeval, _ = _pycocotools()
     bad = [t for t in iou_types if t not in STAT_NAMES]
     if bad:
         raise ValueError(f"iou_types: expected some of {tuple(STAT_NAMES)}, got {bad}")
+    device = torch.device(device)
     if predict is None:
         model.eval().to(device)
 
         def predict(images):
-            return model([image.to(device) for image in images])
+            with _autocast(amp, device):
+                return model([image.to(device) for image in images])
 
     results = {t: [] for t in iou_types}
-    image_ids = []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        outputs = predict([image for image, _ in items])
-        for (_, target), output in zip(items, outputs):
+    image_ids, unreadable = [], []
+    shard = range(dist.rank(), len(dataset), dist.world_size())
+    for images, targets, skipped in _loader(ImageItems(dataset), batch_size, list(shard), workers,
+                                            collate_fn=collate_images):
+        unreadable += [f"{item.path}: {item.reason}" for item in skipped]
+        if not images:
+            continue
+        for target, output in zip(targets, predict(images)):
             image_ids.append(int(target["image_id"]))
             for t, entries in to_coco_results(target["image_id"], output, dataset.category_ids, iou_types).items():
                 results[t].extend(entries)
+    shares = dist.gather_objects((results, image_ids, unreadable))
+    report = None
+    if dist.is_main():
+        results = {t: [entry for share in shares for entry in share[0][t]] for t in iou_types}
+        image_ids = sorted(i for share in shares for i in share[1])
+        unreadable = [u for share in shares for u in share[2]]
+        for line in unreadable:
+            log.warning("evaluation: skipped image %s", line)
+        report = _score(COCO, COCOeval, dataset, results, image_ids, iou_types)
+        report.update(images=len(image_ids), skipped_images=len(unreadable))
+    return dist.broadcast_object(report)
+
+
+def _score(COCO, COCOeval, dataset, results, image_ids, iou_types) -> dict:
     truth = _ground_truth(COCO, dataset.annotation_file)
     report = {}
     for t in iou_types:
@@ -131,7 +185,7 @@ def coco_evaluate(model, dataset: CocoDetection, iou_types=("bbox", "segm"), *, 
         with contextlib.redirect_stdout(io.StringIO()):
             found = truth.loadRes(results[t])
             evaluation = COCOeval(truth, found, t)
-            evaluation.params.imgIds = sorted(image_ids)
+            evaluation.params.imgIds = image_ids
             evaluation.params.catIds = list(dataset.category_ids)  # those the data set (and model) has
             if t == "keypoints":
                 _keypoint_params(evaluation.params, truth)
@@ -140,3 +194,343 @@ def coco_evaluate(model, dataset: CocoDetection, iou_types=("bbox", "segm"), *, 
             evaluation.summarize()
         report[t] = {name: float(v) for name, v in zip(STAT_NAMES[t], evaluation.stats)}
     return report
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def keypoint_flip_map(names: Sequence[str]) -> list[int]:
+    """For each keypoint, the index of its mirror image under a horizontal flip: names with
+    ``left`` and ``right`` swapped (COCO's ``left_eye`` <-> ``right_eye``); the others themselves."""
+    swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+    index = {name: i for i, name in enumerate(names)}
+    return [index.get(re.sub("left|right|Left|Right|LEFT|RIGHT", lambda m: swap[m.group(0)], name), i)
+            for i, name in enumerate(names)]
+
+
+def hflip(image: torch.Tensor, target: dict, flip_map: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
+    """Mirror an image (C, H, W) and its target: boxes, masks and keypoints (x -> width - x, the
+    continuous-coordinate convention of the boxes; visible points only), keypoints reordered by
+    ``flip_map`` (:func:`keypoint_flip_map`)."""
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"]
+    target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        points = target["keypoints"].clone()
+        points[..., 0] = torch.where(points[..., 2] > 0, width - points[..., 0], points[..., 0])
+        target["keypoints"] = points[:, list(flip_map)] if flip_map is not None else points
+    return image.flip(-1), target
+
+
+class ImageItems(Dataset):
+    """Items of a :class:`CocoDetection` keyed by index or by ``(index, seed)`` (what
+    :class:`~nonlocalnet.engine.ClipSampler` yields): with ``flip`` the seed decides the
+    horizontal flip, whatever the worker. An unreadable image is a :class:`Skipped`."""
+
+    def __init__(self, coco: CocoDetection, flip: bool = False):
+        self.coco, self.flip = coco, flip
+        self.flip_map = keypoint_flip_map(coco.keypoint_names) if coco.keypoints else None
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            image, target = self.coco[index]
+        except OSError as err:  # PIL: missing, truncated or not an image
+            return Skipped(self.coco.images[index]["path"], f"{type(err).__name__}: {err}")
+        if self.flip and seed is not None and np.random.default_rng(seed).random() < 0.5:
+            image, target = hflip(image, target, self.flip_map)
+        return image, target
+
+
+def collate_images(items: list) -> tuple[list, list, list]:
+    """(images, targets, skipped) lists: detection models take lists of differently sized images."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    return [i for i, _ in good], [t for _, t in good], [item for item in items if isinstance(item, Skipped)]
+
+
+def _shapes(cfg: DetectDataConfig) -> Path:
+    from .data.shapes import ShapesSpec
+
+    spec = ShapesSpec(train=cfg.shapes_train, val=cfg.shapes_val, height=cfg.shapes_size[0],
+                      width=cfg.shapes_size[1], seed=cfg.shapes_seed)
+    return generated_set(cfg.root, "shapes", spec, (spec.train, spec.val, spec.height, spec.width, spec.seed))
+
+
+def build_datasets(cfg: DetectDataConfig, task: str = "mask") -> tuple[CocoDetection, CocoDetection]:
+    """Training and validation sets: the built-in shapes (written once) or COCO-format files."""
+    keypoints = task == "keypoint"
+    if cfg.dataset == "shapes":
+        from .data.shapes import shape_paths
+
+        root = _shapes(cfg)
+        train_paths, val_paths = shape_paths(root, "train"), shape_paths(root, "val")
+    elif cfg.dataset == "coco":
+        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+            if not getattr(cfg, key):
+                raise ValueError(f"data.{key}: dataset 'coco' needs it, got nothing")
+        train_paths = (cfg.train_images, cfg.train_annotations)
+        val_paths = (cfg.val_images, cfg.val_annotations)
+    else:
+        raise ValueError(f"data.dataset: expected 'shapes' or 'coco', got {cfg.dataset!r}")
+    train = CocoDetection(*train_paths, keypoints=keypoints, drop_empty=cfg.drop_empty)
+    val = CocoDetection(*val_paths, keypoints=keypoints)
+    for split, ds in (("train", train), ("val", val)):
+        if ds.skipped:
+            log.warning("%s: skipped %s", split, ", ".join(f"{n} {why}" for why, n in sorted(ds.skipped.items())))
+        if not len(ds):
+            raise ValueError(f"data.{split}_annotations: no usable image in {ds.annotation_file}")
+    if val.category_ids != train.category_ids:
+        raise ValueError(f"data.val_annotations: categories {val.category_ids[:8]} differ from the training "
+                         f"set's {train.category_ids[:8]}")
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_detector(cfg: DetectModelConfig, num_classes: int, num_keypoints: int = 0) -> nn.Module:
+    """Mask R-CNN (``task: mask``) or Keypoint R-CNN (``task: keypoint``) with the configured
+    non-local blocks; ``num_classes`` counts the background. ``cfg.weights`` (a detection checkpoint
+    or weights file) initialises it: a baseline's weights fit a non-local model (its blocks keep
+    their identity initialisation) and box predictors of another class count are left as built."""
+    from .models.detection import keypoint_rcnn, mask_rcnn
+
+    _check_detector_options(cfg.task, cfg.detector)
+    kwargs = {"min_size": tuple(cfg.min_size), "max_size": cfg.max_size, "trainable_layers": cfg.trainable_layers,
+              "backbone_weights": cfg.backbone_weights or None, "nonlocal_options": {"mode": cfg.nonlocal_mode},
+              **cfg.detector}
+    try:
+        if cfg.task == "mask":
+            model = mask_rcnn(cfg.depth, nonlocal_backbone=cfg.nonlocal_backbone, num_classes=num_classes, **kwargs)
+        elif cfg.task == "keypoint":
+            model = keypoint_rcnn(cfg.depth, nonlocal_head=cfg.nonlocal_head, nonlocal_backbone=cfg.nonlocal_backbone,
+                                  num_classes=num_classes, num_keypoints=num_keypoints, **kwargs)
+        else:
+            raise ValueError(f"model.task: expected 'mask' or 'keypoint', got {cfg.task!r}")
+    except TypeError as err:  # an unknown entry of model.detector
+        raise ValueError(f"model.detector: {err}") from None
+    if cfg.weights:
+        _load_initial(model, cfg.weights)
+    return model
+
+
+def _check_detector_options(task: str, options) -> None:
+    """torchvision passes unknown keyword arguments down to a transform that ignores them: name them."""
+    import inspect
+
+    from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    known = set()
+    for cls in (KeypointRCNN if task == "keypoint" else MaskRCNN, FasterRCNN, GeneralizedRCNNTransform):
+        known |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    known -= {"self", "backbone", "num_classes", "num_keypoints", "min_size", "max_size"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"model.detector: unknown option(s) {unknown} for torchvision's "
+                         f"{'KeypointRCNN' if task == 'keypoint' else 'MaskRCNN'}")
+
+
+def _load_initial(model: nn.Module, path: str) -> None:
+    from .weights import read_weights
+
+    try:
+        state = load_checkpoint(path)["model"]
+    except (KeyError, TypeError, ValueError):
+        state = read_weights(path)["state_dict"]
+    own = model.state_dict()
+    state = dict(state)
+    for key in [k for k in state if k in own and state[k].shape != own[k].shape and "predictor" in k]:
+        log.info("initial weights: %s has shape %s, the model %s; kept at its initialisation", key,
+                 tuple(state[key].shape), tuple(own[key].shape))
+        del state[key]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
+    missing = [k for k in result.missing_keys if "nonlocal_block" not in k and "predictor" not in k]
+    if missing or result.unexpected_keys or shapes:
+        raise ValueError(f"model.weights: {path} does not fit the detector: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}, other shapes {shapes[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _empty_target(task: str, num_keypoints: int, size: int = 64) -> dict:
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    if task == "keypoint":
+        target["keypoints"] = torch.zeros(0, num_keypoints, 3)
+    else:
+        target["masks"] = torch.zeros(0, size, size, dtype=torch.uint8)
+    return target
+
+
+def _to(target: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}
+
+
+def fit(cfg: DetectConfig, out: str | os.PathLike, *, resume: bool = False, name: str = "") -> dict:
+    """Train ``cfg`` into ``out`` (checkpoint.pt, metrics.jsonl, tensorboard/, config.yaml,
+    result.json) and evaluate it with COCOeval on the validation set; returns the report."""
+    out = Path(out)
+    device = dist.setup()
+    world, rank = dist.world_size(), dist.rank()
+    task = cfg.model.task
+    train_set, val_set = build_datasets(cfg.data, task)
+    if cfg.data.dataset == "coco" and not (cfg.model.backbone_weights or cfg.model.weights):
+        log.warning("model.backbone_weights is empty: the backbone trains from scratch (the paper fine-tunes "
+                    "from ImageNet)")
+    torch.manual_seed(cfg.train.seed)
+    model = build_detector(cfg.model, len(train_set.category_ids) + 1, train_set.num_keypoints).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_biases),
+                                lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    checkpoint_path = out / "checkpoint.pt"
+    # the log window's sums: each loss, micro-batches, images
+    run = start_run(checkpoint_path, resume, model, optimizer, scaler, cfg, name, meter_size=len(LOSSES[task]) + 2,
+                    labels={"category_ids": list(train_set.category_ids)})
+    iteration = run.iteration
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    items = ImageItems(train_set, cfg.data.flip)
+    wide = [int(im["width"] >= im["height"]) for im in train_set.images]
+    sampler = ClipSampler(len(items), cfg.optim.batch_size, accumulate=cfg.optim.accumulate, world=world, rank=rank,
+                          seed=cfg.train.seed, groups=wide, items="training images")
+    loader = _loader(items, sampler.micro, sampler, cfg.data.workers, persistent=True, collate_fn=collate_images)
+    losses_of = LOSSES[task]
+
+    def micro_step(batch: tuple, m: int, sync: bool) -> bool:
+        images, targets, _ = batch
+        weight = 1.0
+        if not images:  # every image of this micro-batch was unreadable
+            if world == 1:
+                return False
+            # the other ranks wait for this one's gradients: contribute zeros
+            images, targets, weight = [torch.zeros(3, 64, 64)], [_empty_target(task, train_set.num_keypoints)], 0.0
+        # the model's own draws (training size, sampled anchors and RoIs) depend on the iteration
+        # and the micro-batch alone, as the images' flips do
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                (contextlib.nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, device):
+            torch.manual_seed(_seed(cfg.train.seed, 2, run.iteration, rank * sampler.accumulate + m))
+            losses = net([image.to(device, non_blocking=True) for image in images],
+                         [_to(target, device) for target in targets])
+        loss = sum(losses.values())
+        if weight and not torch.isfinite(loss).item() and cfg.train.amp != "fp16":
+            raise FloatingPointError(f"the loss is {loss.item()} at iteration {run.iteration} "
+                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower optim.lr "
+                                     f"or set optim.clip_grad_norm")
+        scaler.scale(loss * weight / sampler.accumulate).backward()
+        if weight:
+            run.meter += torch.tensor([losses[k].item() for k in losses_of] + [1.0, len(images)], dtype=torch.float64)
+        return True
+
+    def summarize(meter: torch.Tensor, elapsed: float) -> dict:
+        steps = max(meter[-2].item(), 1)
+        return {"loss": meter[:-2].sum().item() / steps, **{k: meter[i].item() / steps for i, k in enumerate(losses_of)},
+                "images_per_s": meter[-1].item() / elapsed}
+
+    def evaluate_now(iteration: int) -> dict:
+        result = _evaluate_run(model, cfg, val_set, device, iteration)
+        logger({"iteration": iteration, "kind": "val",
+                **{f"{t}_{k}": v for t in IOU_TYPES[task] for k, v in result[t].items()}})
+        return result
+
+    def save() -> None:
+        save_run(checkpoint_path, model, optimizer, scaler, run.iteration, cfg, {"skipped": run.skipped, "meter": run.meter},
+                 category_ids=list(train_set.category_ids), keypoint_names=list(train_set.keypoint_names))
+
+    logger = _Logger(out, cfg.train.tensorboard, iteration if resume else None)
+    result = train_loop(cfg, run, sampler, loader, net, optimizer, scaler, logger, name=name, unit="images",
+                        micro_step=micro_step, unreadable=lambda batch: batch[2], summarize=summarize,
+                        evaluate=evaluate_now, save=save)
+    iteration, skipped = run.iteration, run.skipped
+    if result is None:  # resumed a finished run
+        result = _evaluate_run(model, cfg, val_set, device, iteration)
+    result["skipped_train_images"] = _total(skipped)
+    if dist.is_main():
+        _write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _evaluate_run(model, cfg: DetectConfig, val_set, device, iteration: int) -> dict:
+    report = coco_evaluate(_unwrap(model), val_set, IOU_TYPES[cfg.model.task], device=device,
+                           batch_size=cfg.train.eval_batch_size, workers=cfg.data.workers, amp=cfg.train.amp)
+    return {"iteration": iteration, **report}
+
+
+def _without_nonlocal(cfg: DetectConfig) -> DetectConfig:
+    base = copy.deepcopy(cfg)
+    base.model.nonlocal_backbone = base.model.nonlocal_head = False
+    return base
+
+
+def _summary(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k in STAT_NAMES or k in ("images", "skipped_train_images")}
+
+
+def train_job(cfg: DetectConfig, out: str | os.PathLike, *, resume: bool = False) -> dict:
+    """``nonlocalnet detect train``: one run into ``out``, or with ``train.compare_baseline`` the
+    detector without (``out/baseline``) and with (``out/nonlocal``) its non-local blocks; writes
+    and returns ``out/summary.json`` (COCOeval numbers per run)."""
+    baseline = _without_nonlocal(cfg) if cfg.train.compare_baseline else None
+    return run_job(cfg, baseline, out, resume, fit, _summary)
+
+
+def summary_table(summary: dict) -> str:
+    """AP, AP50 and AP75 (in %) of each run and IoU type."""
+    types = [t for t in STAT_NAMES if any(t in row for row in summary.values())]
+    names = {"bbox": "box", "segm": "mask", "keypoints": "kp"}
+    head = f"{'model':<10}" + "".join(f"{names[t] + ' ' + k:>12}" for t in types for k in ("AP", "AP50", "AP75"))
+    lines = [head]
+    for run, row in summary.items():
+        lines.append(f"{run:<10}" + "".join(f"{100 * row[t][k]:>12.1f}" for t in types for k in ("AP", "AP50", "AP75")))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- trained models
+
+
+def load_detector(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[nn.Module, DetectConfig, dict]:
+    """A detector from a ``nonlocalnet detect train`` checkpoint, its configuration (``overrides``
+    merged) and the checkpoint's label information (``category_ids``, ``keypoint_names``)."""
+    from omegaconf import OmegaConf
+
+    state = load_checkpoint(path)
+    for key in ("model", "config", "category_ids"):
+        if key not in state:
+            raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet detection checkpoint (no {key!r})")
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), OmegaConf.create(state["config"])))
+    except Exception as err:  # a video checkpoint's configuration has other keys
+        raise ValueError(f"weights: {os.fspath(path)} is not a detection checkpoint ({str(err).splitlines()[0]})") \
+            from None
+    cfg = merge_overrides(cfg, overrides)
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.weights = model_cfg.backbone_weights = ""
+    names = list(state.get("keypoint_names", []))
+    model = build_detector(model_cfg, len(state["category_ids"]) + 1, len(names))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, {"category_ids": list(state["category_ids"]), "keypoint_names": names}
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: DetectConfig | None = None,
+                        overrides: Sequence[str] = (), *, batch_size: int = 2) -> dict:
+    """``nonlocalnet detect evaluate``: COCOeval of a training checkpoint on the validation set of
+    ``cfg`` (default: the configuration saved in the checkpoint, with ``overrides``)."""
+    model, saved, labels = load_detector(checkpoint, () if cfg else overrides)
+    cfg = cfg or saved
+    if cfg.model.task != saved.model.task:
+        raise ValueError(f"model.task: the checkpoint is a {saved.model.task!r} model, the config says "
+                         f"{cfg.model.task!r}")
+    device = dist.setup()
+    _, val = build_datasets(cfg.data, saved.model.task)
+    if val.category_ids != labels["category_ids"]:
+        raise ValueError(f"weights: the model's categories {labels['category_ids'][:8]} differ from the validation "
+                         f"set's {val.category_ids[:8]}")
+    return coco_evaluate(model, val, IOU_TYPES[saved.model.task], device=device, batch_size=batch_size,
+                         workers=cfg.data.workers, amp=cfg.train.amp)
