@@ -246,6 +246,52 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import visualize
+    from .checkpoint import load_checkpoint
+    from .models import create_model, model_card
+
+    frames, rate = args.frames, args.rate
+    state = load_checkpoint(args.checkpoint) if args.checkpoint else {}
+    if isinstance(state, dict) and {"classes", "config", "model"} <= set(state):  # a `nonlocalnet train` checkpoint
+        from .engine import load_trained
+
+        model, cfg = load_trained(args.checkpoint)[:2]
+        frames, rate = frames or cfg.data.frames, rate or cfg.data.rate
+    elif args.model:
+        card = model_card(args.model)
+        model = create_model(args.model, num_classes=args.num_classes, weights=args.checkpoint)
+        frames, rate = frames or card.frames, rate or card.rate
+        if not args.checkpoint:
+            logging.getLogger("nonlocalnet").warning("no --checkpoint: the attention of random weights")
+    else:
+        raise ValueError("model: expected --model NAME (with --checkpoint for trained weights) or a training "
+                         "--checkpoint")
+    queries = [_query(text) for text in args.queries or []]
+    clip, pixels = visualize.load_clip(args.video, frames, rate, args.size)
+    result = visualize.visualize_clip(model, clip, pixels, args.block, args.out, queries=queries, count=args.count,
+                                      top=args.top, mode=args.mode, show=args.show)
+    for k, query in enumerate(result["queries"]):
+        strongest = query["targets"][0]
+        print(f"query {k + 1}: frame {query['frame']} ({query['y']:.0f}, {query['x']:.0f}) -> strongest key frame "
+              f"{strongest['frame']} ({strongest['y']:.0f}, {strongest['x']:.0f}) weight {strongest['weight']:.3f}")
+    print(f"wrote {result['png']} and {result['gif']}")
+    return 0
+
+
+def _query(text: str) -> tuple[int, float, float]:
+    parts = text.split(",")
+    try:
+        frame, y, x = int(parts[0]), float(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        raise ValueError(f"queries: expected FRAME,Y,X pixel positions of the clip, got {text!r}") from None
+    if len(parts) != 3:
+        raise ValueError(f"queries: expected FRAME,Y,X pixel positions of the clip, got {text!r}")
+    return frame, y, x
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -303,6 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=2, help="images per process")
     p.add_argument("--json", help="also write the report here")
     p.set_defaults(handler=_detect_evaluate)
+
+    p = commands.add_parser("visualize", help="what a non-local block attends to in a video (paper Fig. 1 and 3)")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--model", help="zoo name (see `nonlocalnet models`); not needed with a training checkpoint")
+    p.add_argument("--checkpoint", help="weights file of the zoo model, or a `nonlocalnet train` checkpoint.pt")
+    p.add_argument("--block", required=True, help="the block, by the residual block it follows, e.g. res3.1")
+    p.add_argument("--queries", nargs="*", metavar="FRAME,Y,X", help="query pixels of the clip (default: the "
+                                                                     "--count positions the block changes most)")
+    p.add_argument("--count", type=_positive, default=3, help="automatic queries (default 3)")
+    p.add_argument("--top", type=_positive, default=20, help="arrows per query: its highest weights (default 20)")
+    p.add_argument("--mode", choices=("arrows", "heatmap"), default="arrows")
+    p.add_argument("--frames", type=_positive, help="clip length (default: the model's)")
+    p.add_argument("--rate", type=_positive, help="sampling rate (default: the model's)")
+    p.add_argument("--size", type=_positive, default=224, help="shorter side and centre crop (default 224)")
+    p.add_argument("--show", type=_positive, default=8, help="frames in the picture (default 8)")
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--out", default="attention.png", help="PNG path; the GIF goes beside it")
+    p.set_defaults(handler=_visualize)
 
     p = commands.add_parser("bench", help="time and check the block's fast paths against the naive reference")
     p.add_argument("--shape", default="res4", help=f"{' | '.join(SHAPES)}, or sizes 'B,C,T,H,W' (default res4)")
