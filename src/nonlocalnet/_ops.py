@@ -133,7 +133,18 @@ class _FromTokens(torch.autograd.Function):
 
 def _tokens(conv: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """``conv`` (1x1) applied to (B, C, P) features, as (B, P, C') tokens."""
+    if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function: plain ops
+        tokens = torch.matmul(feats.transpose(1, 2), conv.weight.flatten(1).t())
+        return tokens if conv.bias is None else tokens + conv.bias
     return _ToTokens.apply(feats, conv.weight.flatten(1), conv.bias)
+
+
+def _from_tokens(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 conv (``weight`` (C, C')) from (B, P, C') tokens to (B, C, P) features."""
+    if torch.jit.is_tracing():
+        feats = torch.matmul(weight, tokens.transpose(1, 2))
+        return feats if bias is None else feats + bias[:, None]
+    return _FromTokens.apply(tokens, weight, bias)
 
 
 def _plain_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,11 @@ def _cpu_flash_ok(q, k, v) -> bool:
 
 
 def _chunks(n: int, size: int):
+    """Query ranges of at most ``size`` rows; one range for a symbolic ``n`` (torch.export, dynamic
+    torch.compile), where a loop over chunks would fix the size with a guard."""
+    if isinstance(n, torch.SymInt) or isinstance(size, torch.SymInt):
+        yield 0, n
+        return
     for start in range(0, n, size):
         yield start, min(n, start + size)
 
@@ -236,6 +241,10 @@ def softmax_attention(q, k, v, *, scale: float = 1.0, impl: str = "auto", chunk_
             return fused_sdpa(q, k, v, scale=scale)
         except RuntimeError:
             pass
+    if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function: one SDPA op,
+        # any backend (the runtime picks a fused one where the shapes allow)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
+        return out.squeeze(1)
     flash_forward = impl == "auto" and _cpu_flash_ok(q, k, v)
     return _SoftmaxAttention.apply(q, k, v, scale, chunk, flash_forward)
 

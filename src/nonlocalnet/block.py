@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._ops import _FromTokens, _Groups, _WindowMax, _groups_kind, _plain_batch_norm, _tokens
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ._ops import _Groups, _WindowMax, _from_tokens, _groups_kind, _plain_batch_norm, _tokens
 from .attention import IMPLS, MODES, nonlocal_attention
 
 AFFINITIES = ("spacetime", "space", "time")
@@ -173,10 +175,17 @@ class NonLocalBlock(nn.Module):
             q, k, v, mode=self.mode, scale=self.scale, concat_weight=concat_weight, impl=self.impl
         )
         y = groups.ungroup(y)  # (B, N, C')
-        out = _FromTokens.apply(y, self.out.weight.flatten(1), self.out.bias)  # (B, C, N)
+        out = _from_tokens(y, self.out.weight.flatten(1), self.out.bias)  # (B, C, N)
         return out.view(x.shape)
 
     def _folds(self, x: torch.Tensor) -> bool:
+        """Whether to use the folded form: a cost comparison on concrete sizes. For symbolic sizes
+        (torch.export, dynamic torch.compile) the plain form unless the comparison holds for all of
+        them, so that the choice adds no shape guard; both forms are exact."""
+        decision = self._fold_costs(x)
+        return statically_known_true(decision) if isinstance(decision, torch.SymBool) else bool(decision)
+
+    def _fold_costs(self, x: torch.Tensor):
         if self.impl == "naive" or self.fold is False or self.mode == "concatenation":
             return False
         if self.mode == "dot_product" and _groups_kind(self.affinity, self.dims) != "spacetime":
@@ -278,8 +287,9 @@ class NonLocalBlock(nn.Module):
         spatial = tuple(shape[2:])
         if self.pool_kernel is None:
             return spatial
-        rounding = math.ceil if self.affinity == "time" else math.floor
-        return tuple(int(rounding(s / k)) for s, k in zip(spatial, self.pool_kernel))
+        if self.affinity == "time":  # windows at an odd edge are kept: ceil (in integers, so that
+            return tuple(-(-s // k) for s, k in zip(spatial, self.pool_kernel))  # symbolic sizes stay exact)
+        return tuple(s // k for s, k in zip(spatial, self.pool_kernel))
 
     # ----------------------------------------------------------------------------------------
     def _time_groups(self, x: torch.Tensor) -> int:
@@ -311,9 +321,11 @@ class NonLocalBlock(nn.Module):
         kernel = self.pool_kernel
         if kernel is None:
             return x
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[self.dims]
         if self.affinity == "time":
-            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[self.dims]
             return pool(x, kernel, kernel, ceil_mode=True)
+        if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function
+            return pool(x, kernel, kernel)
         return _WindowMax.apply(x, kernel)
 
     def _groups(self, x: torch.Tensor, source: torch.Tensor) -> _Groups:

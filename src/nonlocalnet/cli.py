@@ -246,29 +246,35 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _visualize(args: argparse.Namespace) -> int:
+def _cli_model(args: argparse.Namespace):
+    """The model of ``--model NAME [--checkpoint WEIGHTS]`` or of a training ``--checkpoint``, with
+    its clip length and sampling rate (``--frames`` / ``--rate`` when given)."""
     import logging
 
-    from . import visualize
     from .checkpoint import load_checkpoint
     from .models import create_model, model_card
 
-    frames, rate = args.frames, args.rate
+    frames, rate = args.frames, getattr(args, "rate", None)
     state = load_checkpoint(args.checkpoint) if args.checkpoint else {}
     if isinstance(state, dict) and {"classes", "config", "model"} <= set(state):  # a `nonlocalnet train` checkpoint
         from .engine import load_trained
 
         model, cfg = load_trained(args.checkpoint)[:2]
-        frames, rate = frames or cfg.data.frames, rate or cfg.data.rate
-    elif args.model:
-        card = model_card(args.model)
-        model = create_model(args.model, num_classes=args.num_classes, weights=args.checkpoint)
-        frames, rate = frames or card.frames, rate or card.rate
-        if not args.checkpoint:
-            logging.getLogger("nonlocalnet").warning("no --checkpoint: the attention of random weights")
-    else:
+        return model, frames or cfg.data.frames, rate or cfg.data.rate
+    if not args.model:
         raise ValueError("model: expected --model NAME (with --checkpoint for trained weights) or a training "
                          "--checkpoint")
+    card = model_card(args.model)
+    model = create_model(args.model, num_classes=args.num_classes, weights=args.checkpoint)
+    if not args.checkpoint:
+        logging.getLogger("nonlocalnet").warning("no --checkpoint: random weights")
+    return model, frames or card.frames, rate or card.rate
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from . import visualize
+
+    model, frames, rate = _cli_model(args)
     queries = [_query(text) for text in args.queries or []]
     clip, pixels = visualize.load_clip(args.video, frames, rate, args.size)
     result = visualize.visualize_clip(model, clip, pixels, args.block, args.out, queries=queries, count=args.count,
@@ -278,6 +284,18 @@ def _visualize(args: argparse.Namespace) -> int:
         print(f"query {k + 1}: frame {query['frame']} ({query['y']:.0f}, {query['x']:.0f}) -> strongest key frame "
               f"{strongest['frame']} ({strongest['y']:.0f}, {strongest['x']:.0f}) weight {strongest['weight']:.3f}")
     print(f"wrote {result['png']} and {result['gif']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    model, frames, _ = _cli_model(args)
+    name = args.model or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    out = args.out or f"{name}.{ {'onnx': 'onnx', 'torchscript': 'ts', 'pt2': 'pt2'}[args.format] }"
+    report = export_model(model, out, args.format, frames=frames, size=args.size, atol=args.atol)
+    print(f"wrote {report['path']} ({args.format}; dynamic {report['dynamic']}); checked on a clip of shape "
+          f"{tuple(report['checked'])}: max abs error {report['max_abs_error']:.2e}")
     return 0
 
 
@@ -367,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=400)
     p.add_argument("--out", default="attention.png", help="PNG path; the GIF goes beside it")
     p.set_defaults(handler=_visualize)
+
+    p = commands.add_parser("export", help="a zoo or trained model as ONNX, TorchScript or PT2, checked against "
+                                           "PyTorch")
+    p.add_argument("model", nargs="?", help="zoo name; not needed with a training --checkpoint")
+    p.add_argument("--checkpoint", help="weights file of the zoo model, or a `nonlocalnet train` checkpoint.pt")
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
+    p.add_argument("--out", help="output file (default NAME.onnx / .ts / .pt2)")
+    p.add_argument("--frames", type=_positive, help="example clip length (default: the model's)")
+    p.add_argument("--size", type=_positive, default=224, help="input height and width (fixed; default 224)")
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from PyTorch")
+    p.set_defaults(handler=_export)
 
     p = commands.add_parser("bench", help="time and check the block's fast paths against the naive reference")
     p.add_argument("--shape", default="res4", help=f"{' | '.join(SHAPES)}, or sizes 'B,C,T,H,W' (default res4)")
