@@ -28,6 +28,8 @@ SHAPES = {
     "res2": (1, 256, 16, 56, 56),
     "res5": (2, 2048, 8, 7, 7),
     "small": (2, 256, 4, 14, 14),
+    "long32": (1, 256, 32, 56, 56),  # long clips at res2 size (benchmarks/gpu.py)
+    "long64": (1, 256, 64, 56, 56),
 }
 
 
