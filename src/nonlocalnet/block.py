@@ -49,8 +49,12 @@ class NonLocalBlock(nn.Module):
             as the official release; False gives 1 (the paper's equations); a float is used as
             given. The dot product and concatenation have no logits to scale: there only True,
             False or 1.0 are accepted and change nothing.
-        norm: BatchNorm after W_z with its scale initialised to 0 (the block starts as the
-            identity); with False there is no norm and W_z itself is zero-initialised.
+        norm: the norm after W_z, its scale initialised to 0 so that the block starts as the
+            identity: True or ``"batch"`` (BatchNorm: the official release, PySlowFast,
+            pytorchvideo, mmcv's and timm's defaults), ``"group"`` (GroupNorm of ``norm_groups``
+            groups: mmcv ``norm_cfg=dict(type="GN")``), ``"layer"`` (GroupNorm with one group:
+            the statistics of all of C x T x H x W per clip, a per-channel affine), or False /
+            ``"none"``: no norm, and W_z itself is zero-initialised (mmcv without ``norm_cfg``).
         affinity: which positions j each i sees (Table 2d): ``spacetime`` all, ``space`` those in
             the same frame, ``time`` those at the same location in every frame. With subsampling,
             a time-only query sees the pooled window that contains it (windows at an odd edge are
@@ -64,6 +68,14 @@ class NonLocalBlock(nn.Module):
             map per clip. ``None`` (default) folds where the counted work drops enough (softmax:
             res5; dot product: res2/res3 sizes); ``True`` / ``False`` force it. Ignored by the
             concatenation and by a space/time dot product.
+        pool: where the key/value max-pool sits: ``"before"`` the phi and g convs, on x (the
+            official release, PySlowFast, pytorchvideo; the cheaper form), or ``"after"`` them,
+            on phi(x) and g(x) (mmcv / mmaction2). A max-pool does not commute with a 1x1 conv,
+            so the two give different functions. ``gaussian`` pools x either way.
+        pool_kernel: the pool's kernel (= stride, floor mode), one size per dim, e.g. (2, 2, 2)
+            or (1, 3, 3); default the paper's (see ``subsample``). Other kernels than the default
+            need ``affinity="spacetime"``.
+        norm_groups: groups of ``norm="group"`` (default 32, mmcv's usual GN).
         group_size: 3-D only: split time into consecutive groups of this many frames and let
             attention stay inside each group (the official ``add_nonlocal_group``, which the
             frozen-BN 128-frame and 32x4 models use in res3 with groups of 4 to save memory). An
@@ -88,9 +100,30 @@ class NonLocalBlock(nn.Module):
         impl: str = "auto",
         fold: bool | None = None,
         group_size: int | None = None,
+        pool: str = "before",
+        pool_kernel: Sequence[int] | None = None,
+        norm_groups: int = 32,
     ):
         super().__init__()
         _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, fold)
+        if pool not in ("before", "after"):
+            raise ValueError(f"pool: expected 'before' or 'after' (the phi / g convs), got {pool!r}")
+        if pool_kernel is not None:
+            kernel = tuple(pool_kernel)
+            if len(kernel) != dims or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                               for k in kernel):
+                raise ValueError(f"pool_kernel: expected {dims} positive ints (one per dim), got {pool_kernel!r}")
+            if kernel != _POOL[dims] and affinity != "spacetime":
+                raise ValueError(f"pool_kernel: a kernel other than {_POOL[dims]} needs affinity='spacetime', got "
+                                 f"{kernel} with affinity={affinity!r}")
+        norm_kind = "batch" if norm is True else "none" if norm is False or norm is None else norm
+        if norm_kind not in ("batch", "group", "layer", "none"):
+            raise ValueError(f"norm: expected True, False, 'batch', 'group', 'layer' or 'none', got {norm!r}")
+        if norm_kind == "group" and (not isinstance(norm_groups, int) or norm_groups < 1
+                                     or in_channels % norm_groups):
+            raise ValueError(f"norm_groups: expected a positive divisor of in_channels={in_channels}, got "
+                             f"{norm_groups!r}")
+        self.pool, self.norm_kind = pool, norm_kind
         if group_size is not None and (dims != 3 or isinstance(group_size, bool) or not isinstance(group_size, int)
                                        or group_size < 1):
             raise ValueError(f"group_size: expected None or a positive int of frames with dims=3, got {group_size!r} "
@@ -103,7 +136,7 @@ class NonLocalBlock(nn.Module):
         self.in_channels, self.inner_channels = int(in_channels), inner
         self.mode, self.dims, self.affinity, self.impl = mode, dims, affinity, impl
         self.subsample = bool(subsample)
-        self.pool_kernel = _POOL[dims] if subsample else None
+        self.pool_kernel = (tuple(pool_kernel) if pool_kernel is not None else _POOL[dims]) if subsample else None
         self.scale = _resolve_scale(scale, mode, in_channels if mode == "gaussian" else inner)
         conv = _CONV[dims]
         if mode != "gaussian":
@@ -113,7 +146,9 @@ class NonLocalBlock(nn.Module):
         self.out = conv(inner, in_channels, 1)
         if mode == "concatenation":
             self.concat = conv(2 * inner, 1, 1, bias=False)
-        self.norm = _BN[dims](in_channels) if norm else None
+        self.norm = {"batch": lambda: _BN[dims](in_channels), "none": lambda: None,
+                     "group": lambda: nn.GroupNorm(norm_groups, in_channels),
+                     "layer": lambda: nn.GroupNorm(1, in_channels)}[norm_kind]()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,6 +172,9 @@ class NonLocalBlock(nn.Module):
             f"subsample={self.subsample}, scale={self.scale:.4g}, affinity={self.affinity!r}, impl={self.impl!r}"
             + ("" if self.fold is None else f", fold={self.fold}")
             + ("" if self.group_size is None else f", group_size={self.group_size}")
+            + ("" if self.pool == "before" else f", pool={self.pool!r}")
+            + ("" if self.pool_kernel in (None, _POOL[self.dims]) else f", pool_kernel={self.pool_kernel}")
+            + ("" if self.norm_kind in ("batch", "none") else f", norm={self.norm_kind!r}")
         )
 
     # ----------------------------------------------------------------------------------------
@@ -187,6 +225,9 @@ class NonLocalBlock(nn.Module):
 
     def _fold_costs(self, x: torch.Tensor):
         if self.impl == "naive" or self.fold is False or self.mode == "concatenation":
+            return False
+        if self.pool == "after" and self.pool_kernel is not None and self.mode != "gaussian":
+            return False  # the folds rewrite convs of the pooled x; here the convs come first
             return False
         if self.mode == "dot_product" and _groups_kind(self.affinity, self.dims) != "spacetime":
             return False  # one C x C map per frame / location would cost more than it saves
@@ -337,13 +378,20 @@ class NonLocalBlock(nn.Module):
         x_flat = x.flatten(2)  # (B, C, N)
         source = self._keys_source(x)
         key_flat = source.flatten(2)  # (B, C, M)
+        if self.pool == "after" and self.pool_kernel is not None:  # conv first, then pool (mmcv)
+            def pooled(conv):
+                return self._keys_source(conv(x)).flatten(2).transpose(1, 2)  # (B, M, C')
+            v = pooled(self.g)
+        else:
+            v = _tokens(self.g, key_flat)  # (B, M, C')
         if self.mode == "gaussian":
             q, k = x_flat.transpose(1, 2), key_flat.transpose(1, 2)  # (B, N, C), (B, M, C)
             if self.impl != "naive":
                 q, k = q.contiguous(), k.contiguous()
+        elif self.pool == "after" and self.pool_kernel is not None:
+            q, k = _tokens(self.theta, x_flat), pooled(self.phi)
         else:
             q, k = _tokens(self.theta, x_flat), _tokens(self.phi, key_flat)  # (B, N, C'), (B, M, C')
-        v = _tokens(self.g, key_flat)  # (B, M, C')
         groups = self._groups(x, source)
         return groups.group(q), groups.group_keys(k), groups.group_keys(v), groups
 
