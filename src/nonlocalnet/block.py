@@ -151,6 +151,15 @@ class NonLocalBlock(nn.Module):
                      "layer": lambda: nn.GroupNorm(1, in_channels)}[norm_kind]()
         self.reset_parameters()
 
+    @classmethod
+    def from_peer(cls, module: nn.Module) -> "NonLocalBlock":
+        """The block computing what another library's non-local block computes (weights and norm
+        statistics copied): pytorchvideo ``NonLocal``, mmcv ``NonLocal1d/2d/3d``, timm
+        ``NonLocalAttn``; see :mod:`nonlocalnet.peers`."""
+        from .peers import from_peer
+
+        return from_peer(module)
+
     def reset_parameters(self) -> None:
         """Official initialisation: convs N(0, 0.01^2), biases 0; the block starts as the identity."""
         for name in ("theta", "phi", "g", "out", "concat"):
