@@ -58,6 +58,16 @@ def test_pooling_after_the_convs_matches_the_definition(mode, impl):
     assert rel_err(got, expected) < 1e-10
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_forced_folding_never_applies_to_pooling_after_the_convs(mode):
+    # the folds rewrite convs of the pooled x, the values' conv too (gaussian included)
+    block = randomize_(NonLocalBlock(8, mode=mode, pool="after", fold=True, norm=False)).double()
+    torch.nn.init.normal_(block.out.weight)
+    x = torch.randn(1, 8, 3, 6, 8, dtype=torch.float64)
+    assert not block._folds(x)
+    assert rel_err(block.transform(x), by_hand(block, x)) < 1e-10
+
+
 @pytest.mark.parametrize("pool", ["before", "after"])
 @pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 3, 3), (2, 1, 1)])
 def test_any_pooling_kernel(kernel, pool):

@@ -71,7 +71,8 @@ class NonLocalBlock(nn.Module):
         pool: where the key/value max-pool sits: ``"before"`` the phi and g convs, on x (the
             official release, PySlowFast, pytorchvideo; the cheaper form), or ``"after"`` them,
             on phi(x) and g(x) (mmcv / mmaction2). A max-pool does not commute with a 1x1 conv,
-            so the two give different functions. ``gaussian`` pools x either way.
+            so the two give different functions. ``gaussian``'s keys are x itself, pooled either
+            way; its values g are pooled after their conv with ``"after"``.
         pool_kernel: the pool's kernel (= stride, floor mode), one size per dim, e.g. (2, 2, 2)
             or (1, 3, 3); default the paper's (see ``subsample``). Other kernels than the default
             need ``affinity="spacetime"``.
@@ -235,9 +236,8 @@ class NonLocalBlock(nn.Module):
     def _fold_costs(self, x: torch.Tensor):
         if self.impl == "naive" or self.fold is False or self.mode == "concatenation":
             return False
-        if self.pool == "after" and self.pool_kernel is not None and self.mode != "gaussian":
-            return False  # the folds rewrite convs of the pooled x; here the convs come first
-            return False
+        if self.pool == "after" and self.pool_kernel is not None:
+            return False  # the folds rewrite convs of the pooled x (g's too); here the convs come first
         if self.mode == "dot_product" and _groups_kind(self.affinity, self.dims) != "spacetime":
             return False  # one C x C map per frame / location would cost more than it saves
         if self.fold:
@@ -283,8 +283,7 @@ class NonLocalBlock(nn.Module):
 
     def _folded_transform(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`transform` with W_theta folded into the keys and W_z, b_z into the values."""
-        source = self._keys_source(x)
-        key_flat = source.flatten(2)  # (B, C, M)
+        key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
         x_tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), a view
         w_out = self.out.weight.flatten(1)  # (C, C')
         v = torch.baddbmm(self.out.bias, _tokens(self.g, key_flat), w_out.t().expand(x.shape[0], -1, -1))  # (B, M, C)
@@ -295,7 +294,7 @@ class NonLocalBlock(nn.Module):
             w_key = torch.cat([self.theta.weight.flatten(1), self.theta.bias[:, None]], 1)  # (C', C + 1)
             k = _tokens(self.phi, key_flat) @ w_key  # (B, M, C + 1)
             v = F.pad(v, (0, 1))  # (B, M, C + 1): equal widths let the fused kernels serve
-        groups = self._groups(x, source)
+        groups = self._groups(x)
         y = nonlocal_attention(
             groups.group(q), groups.group_keys(k), groups.group_keys(v), mode=self.mode, scale=self.scale, impl=self.impl
         )
@@ -378,30 +377,28 @@ class NonLocalBlock(nn.Module):
             return pool(x, kernel, kernel)
         return _WindowMax.apply(x, kernel)
 
-    def _groups(self, x: torch.Tensor, source: torch.Tensor) -> _Groups:
-        """The affinity's groups for input ``x`` and its key map ``source``."""
-        return _Groups(self.affinity, self.dims, tuple(x.shape[2:]), tuple(source.shape[2:]), self.pool_kernel)
+    def _groups(self, x: torch.Tensor) -> _Groups:
+        """The affinity's groups for input ``x`` and its key map (of shape :meth:`key_shape`)."""
+        return _Groups(self.affinity, self.dims, tuple(x.shape[2:]), self.key_shape(x.shape), self.pool_kernel)
 
     def _qkv(self, x: torch.Tensor):
         """Grouped queries, keys and values of an input already checked by the caller."""
         x_flat = x.flatten(2)  # (B, C, N)
-        source = self._keys_source(x)
-        key_flat = source.flatten(2)  # (B, C, M)
-        if self.pool == "after" and self.pool_kernel is not None:  # conv first, then pool (mmcv)
-            def pooled(conv):
-                return self._keys_source(conv(x)).flatten(2).transpose(1, 2)  # (B, M, C')
-            v = pooled(self.g)
-        else:
-            v = _tokens(self.g, key_flat)  # (B, M, C')
+        after = self.pool == "after" and self.pool_kernel is not None
+        # the pooled x: gaussian's keys, and what the convs of the keys see when they come second
+        key_flat = None if after and self.mode != "gaussian" else self._keys_source(x).flatten(2)  # (B, C, M)
+
+        def keys(conv: nn.Module) -> torch.Tensor:  # (B, M, C'): conv of the pooled x, or pooled conv of x
+            return self._keys_source(conv(x)).flatten(2).transpose(1, 2) if after else _tokens(conv, key_flat)
+
+        v = keys(self.g)
         if self.mode == "gaussian":
             q, k = x_flat.transpose(1, 2), key_flat.transpose(1, 2)  # (B, N, C), (B, M, C)
             if self.impl != "naive":
                 q, k = q.contiguous(), k.contiguous()
-        elif self.pool == "after" and self.pool_kernel is not None:
-            q, k = _tokens(self.theta, x_flat), pooled(self.phi)
         else:
-            q, k = _tokens(self.theta, x_flat), _tokens(self.phi, key_flat)  # (B, N, C'), (B, M, C')
-        groups = self._groups(x, source)
+            q, k = _tokens(self.theta, x_flat), keys(self.phi)  # (B, N, C'), (B, M, C')
+        groups = self._groups(x)
         return groups.group(q), groups.group_keys(k), groups.group_keys(v), groups
 
 
