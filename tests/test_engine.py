@@ -346,3 +346,19 @@ def test_compare_job_resumes_in_the_run_it_was_killed_in(synthetic, tmp_path, mo
     assert calls == ["baseline", "nonlocal", "nonlocal"]  # the finished baseline is read back, not re-run
     assert resumed == whole
     assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole
+
+
+def test_initial_weights_fine_tune_the_classifier_and_name_what_does_not_fit(tmp_path):
+    from nonlocalnet.config import ModelConfig
+    from nonlocalnet.weights import save_weights
+
+    fields = {"width": 8, "stage_blocks": [1, 1, 1, 1], "stem": "8x8", "nonlocal_blocks": {"res3": [0]}}
+    source = engine.build_model(ModelConfig(**fields), 5)
+    torch.nn.init.normal_(source.res3[0].nonlocal_block.theta.weight)
+    save_weights(source.state_dict(), tmp_path / "w.pt")
+    model = engine.build_model(ModelConfig(**fields, weights=str(tmp_path / "w.pt")), 3)  # another class count
+    assert model.pred.weight.shape[0] == 3
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("pred."))
+    with pytest.raises(ValueError, match=r"model.weights: .* does not fit the model: missing \[.*nonlocal_block"):
+        engine.build_model(ModelConfig(**{**fields, "nonlocal_blocks": {"res3": [0], "res4": [0]}},
+                                       weights=str(tmp_path / "w.pt")), 3)

@@ -43,7 +43,7 @@ from .config import DetectConfig, DetectDataConfig, DetectModelConfig, merge_ove
 from .data.coco import CocoDetection
 from .data.datasets import Skipped
 from .engine import (ClipSampler, _autocast, _Logger, _loader, _seed, _total, _unwrap, _write_atomic,
-                     generated_set, param_groups, run_job, save_run, start_run, train_loop)
+                     generated_set, load_initial, param_groups, run_job, save_run, start_run, train_loop)
 
 __all__ = ["STAT_NAMES", "LOSSES", "to_coco_results", "coco_evaluate", "keypoint_flip_map", "hflip", "ImageItems",
            "collate_images", "build_detector", "build_datasets", "fit", "train_job", "summary_table",
@@ -316,7 +316,7 @@ def build_detector(cfg: DetectModelConfig, num_classes: int, num_keypoints: int 
     except TypeError as err:  # an unknown entry of model.detector
         raise ValueError(f"model.detector: {err}") from None
     if cfg.weights:
-        _load_initial(model, cfg.weights)
+        load_initial(model, cfg.weights, heads=("predictor",), optional=("nonlocal_block",), name="detector")
     return model
 
 
@@ -336,27 +336,6 @@ def _check_detector_options(task: str, options) -> None:
     if unknown:
         raise ValueError(f"model.detector: unknown option(s) {unknown} for torchvision's "
                          f"{'KeypointRCNN' if task == 'keypoint' else 'MaskRCNN'}")
-
-
-def _load_initial(model: nn.Module, path: str) -> None:
-    from .weights import read_weights
-
-    try:
-        state = load_checkpoint(path)["model"]
-    except (KeyError, TypeError, ValueError):
-        state = read_weights(path)["state_dict"]
-    own = model.state_dict()
-    state = dict(state)
-    for key in [k for k in state if k in own and state[k].shape != own[k].shape and "predictor" in k]:
-        log.info("initial weights: %s has shape %s, the model %s; kept at its initialisation", key,
-                 tuple(state[key].shape), tuple(own[key].shape))
-        del state[key]
-    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
-    missing = [k for k in result.missing_keys if "nonlocal_block" not in k and "predictor" not in k]
-    if missing or result.unexpected_keys or shapes:
-        raise ValueError(f"model.weights: {path} does not fit the detector: missing {missing[:5]}, unexpected "
-                         f"{result.unexpected_keys[:5]}, other shapes {shapes[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -45,7 +45,7 @@ from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, rea
 from .metrics import classification_report, plot_confusion
 from .models import Affine3d, ResNet3d, create_model
 
-__all__ = ["ClipSampler", "clip_gradients", "build_model", "build_annotations", "param_groups", "learning_rate", "precise_bn",
+__all__ = ["ClipSampler", "clip_gradients", "build_model", "load_initial", "build_annotations", "param_groups", "learning_rate", "precise_bn",
            "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
            "predict", "load_trained", "start_run", "save_run", "run_job", "Run", "train_loop"]
 
@@ -125,24 +125,31 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
                          num_classes=num_classes, dropout=cfg.dropout, width=cfg.width,
                          stage_blocks=cfg.stage_blocks)
     if cfg.weights:
-        _load_initial(model, cfg.weights)
+        load_initial(model, cfg.weights, heads=("pred.",))
     return model
 
 
-def _load_initial(model: nn.Module, path: str) -> None:
+def load_initial(model: nn.Module, path: str, *, heads: Sequence[str], optional: Sequence[str] = (),
+                 name: str = "model") -> None:
+    """Initial weights (``model.weights``) from a weights file or a training checkpoint. Entries of
+    the classifier (keys containing one of ``heads``) of another shape keep the model's
+    initialisation (fine-tuning), as do missing ones; keys containing one of ``optional`` may be
+    missing too (a baseline's weights in a non-local model). Anything else that does not fit is
+    an error naming the keys."""
     from .weights import read_weights
 
     state = dict(read_weights(path)["state_dict"])
     own = model.state_dict()
-    for key in [k for k in state if k.startswith("pred.") and k in own and state[k].shape != own[k].shape]:
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    for key in [k for k in shapes if any(h in k for h in heads)]:
         log.info("initial weights: %s has shape %s, the model %s; kept at its initialisation", key,
                  tuple(state[key].shape), tuple(own[key].shape))
-        del state[key]
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("pred.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"model.weights: {path} does not fit the model: missing {missing[:8]}, unexpected "
-                         f"{result.unexpected_keys[:8]}")
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
+    missing = [k for k in result.missing_keys if not any(h in k for h in (*heads, *optional))]
+    shapes = [k for k in shapes if not any(h in k for h in heads)]
+    if missing or result.unexpected_keys or shapes:
+        raise ValueError(f"model.weights: {path} does not fit the {name}: missing {missing[:8]}, unexpected "
+                         f"{result.unexpected_keys[:8]}, other shapes {shapes[:8]}")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool = False) -> list[dict]:
