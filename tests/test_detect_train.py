@@ -300,3 +300,18 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path):
     ra = json.loads((tmp_path / "one" / "result.json").read_text())
     rb = json.loads((tmp_path / "two" / "result.json").read_text())
     assert ra["images"] == rb["images"] == 4  # every rank's share of the images was scored
+
+
+def test_video_and_detection_checkpoints_are_told_apart(tmp_path):
+    from nonlocalnet.config import Config, to_yaml
+
+    video = {"model": {}, "config": to_yaml(Config()), "classes": ["a", "b"]}
+    torch.save(video, tmp_path / "video.pt")
+    with pytest.raises(ValueError, match=r"video.pt is not a nonlocalnet detection checkpoint \(no 'category_ids'\)"):
+        detect.load_detector(tmp_path / "video.pt")
+    torch.save({**video, "category_ids": [1]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"odd.pt is not a nonlocalnet detection checkpoint \(.*"):
+        detect.load_detector(tmp_path / "odd.pt")
+    torch.save({"model": {}, "config": to_yaml(DetectConfig()), "classes": ["a"]}, tmp_path / "boxes.pt")
+    with pytest.raises(ValueError, match=r"boxes.pt is not a nonlocalnet training checkpoint \(.*"):
+        engine.load_trained(tmp_path / "boxes.pt")

@@ -38,12 +38,12 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint
-from .config import DetectConfig, DetectDataConfig, DetectModelConfig, merge_overrides
+from .config import DetectConfig, DetectDataConfig, DetectModelConfig
 from .data.coco import CocoDetection
 from .data.datasets import Skipped
 from .engine import (ClipSampler, _autocast, _Logger, _loader, _seed, _total, _unwrap, _write_atomic,
-                     generated_set, load_initial, param_groups, run_job, save_run, start_run, train_loop)
+                     generated_set, load_initial, param_groups, read_run, run_job, save_run, start_run,
+                     train_loop)
 
 __all__ = ["STAT_NAMES", "LOSSES", "to_coco_results", "coco_evaluate", "keypoint_flip_map", "hflip", "ImageItems",
            "collate_images", "build_detector", "build_datasets", "fit", "train_job", "summary_table",
@@ -477,18 +477,7 @@ def summary_table(summary: dict) -> str:
 def load_detector(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[nn.Module, DetectConfig, dict]:
     """A detector from a ``nonlocalnet detect train`` checkpoint, its configuration (``overrides``
     merged) and the checkpoint's label information (``category_ids``, ``keypoint_names``)."""
-    from omegaconf import OmegaConf
-
-    state = load_checkpoint(path)
-    for key in ("model", "config", "category_ids"):
-        if key not in state:
-            raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet detection checkpoint (no {key!r})")
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), OmegaConf.create(state["config"])))
-    except Exception as err:  # a video checkpoint's configuration has other keys
-        raise ValueError(f"weights: {os.fspath(path)} is not a detection checkpoint ({str(err).splitlines()[0]})") \
-            from None
-    cfg = merge_overrides(cfg, overrides)
+    state, cfg = read_run(path, DetectConfig, ("category_ids",), overrides, what="detection")
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = model_cfg.backbone_weights = ""
     names = list(state.get("keypoint_names", []))

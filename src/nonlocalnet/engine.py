@@ -47,7 +47,7 @@ from .models import Affine3d, ResNet3d, create_model
 
 __all__ = ["ClipSampler", "clip_gradients", "build_model", "load_initial", "build_annotations", "param_groups", "learning_rate", "precise_bn",
            "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
-           "predict", "load_trained", "start_run", "save_run", "run_job", "Run", "train_loop"]
+           "predict", "load_trained", "read_run", "start_run", "save_run", "run_job", "Run", "train_loop"]
 
 log = logging.getLogger("nonlocalnet")
 
@@ -751,17 +751,29 @@ def summary_table(summary: dict) -> str:
 # ------------------------------------------------------------------------------------ trained models
 
 
+def read_run(path: str | os.PathLike, schema: type, required: Sequence[str], overrides: Sequence[str] = (), *,
+             what: str) -> tuple[dict, object]:
+    """A training checkpoint and its configuration (of dataclass ``schema``, ``overrides`` merged);
+    a file without the keys ``required`` or whose configuration is not a ``schema`` is an error."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    state = load_checkpoint(path)
+    for key in ("model", "config", *required):
+        if key not in state:
+            raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet {what} checkpoint (no {key!r})")
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(state["config"])))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet {what} checkpoint "
+                         f"({str(err).splitlines()[0]})") from None
+    return state, merge_overrides(cfg, overrides)
+
+
 def load_trained(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[ResNet3d, Config, list[str], bool]:
     """A model from a training checkpoint, with its configuration (``overrides`` merged), class
     names and whether it is multi-label."""
-    from omegaconf import OmegaConf
-
-    state = load_checkpoint(path)
-    for key in ("model", "config", "classes"):
-        if key not in state:
-            raise ValueError(f"weights: {os.fspath(path)} is not a nonlocalnet training checkpoint (no {key!r})")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"])))
-    cfg = merge_overrides(cfg, overrides)
+    state, cfg = read_run(path, Config, ("classes",), overrides, what="training")
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = ""
     model = build_model(model_cfg, len(state["classes"]))
