@@ -256,6 +256,15 @@ def test_cli_train_evaluate_predict(synthetic, tmp_path):
     first, second = done.stdout.splitlines()
     assert first.startswith(video + ": ") and {"same", "different"} <= set(first.replace(",", " ").split())
     assert "nothing.mp4: error: no view could be decoded" in second
+    # the run's checkpoint, without a zoo name, for the pictures and the export (frames from its config)
+    done = _cli(["visualize", video, "--checkpoint", weights, "--block", "res3.0", "--size", "32", "--top", "3",
+                 "--out", str(tmp_path / "att.png")], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "att.png").exists() and done.stdout.count("query ") == 3
+    done = _cli(["export", "--checkpoint", weights, "--format", "torchscript", "--size", "32",
+                 "--out", str(tmp_path / "m.ts")], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "checked on a clip of shape (3, 3, 6, 32, 32)" in done.stdout
 
 
 def test_cli_kill_and_resume_matches_an_uninterrupted_run(synthetic, tmp_path):

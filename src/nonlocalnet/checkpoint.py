@@ -44,11 +44,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_save(state, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, mmap: bool = False) -> dict:
+    """The checkpoint's contents; with ``mmap`` the tensors are mapped, not read (a cheap look at
+    the keys)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {os.fspath(path)!r}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for a damaged file
         raise ValueError(f"checkpoint {os.fspath(path)!r}: cannot be read ({type(err).__name__}: {err})") from None
 

@@ -255,7 +255,7 @@ def _cli_model(args: argparse.Namespace):
     from .models import create_model, model_card
 
     frames, rate = args.frames, getattr(args, "rate", None)
-    state = load_checkpoint(args.checkpoint) if args.checkpoint else {}
+    state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}  # its keys, not its tensors
     if isinstance(state, dict) and {"classes", "config", "model"} <= set(state):  # a `nonlocalnet train` checkpoint
         from .engine import load_trained
 
