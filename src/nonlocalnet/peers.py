@@ -70,7 +70,7 @@ def _conv(module: nn.Module, where: str) -> nn.Module:
     return module
 
 
-def _norm(block_norm: str, norm: nn.Module | None, where: str) -> tuple[str, dict]:
+def _norm(norm: nn.Module | None, where: str) -> tuple[str, dict]:
     """Our ``norm`` argument for a peer's norm module, and the keyword arguments it needs."""
     if norm is None:
         return "none", {}
@@ -105,7 +105,7 @@ def _pytorchvideo(module):
                                                                   pool.dilation))
         if stride != kernel or any(padding) or any(d != 1 for d in dilation) or pool.ceil_mode:
             raise ValueError(f"module: pool {pool} must have stride = kernel, no padding or dilation, floor mode")
-    norm, extra = _norm("norm", module.norm, "norm")
+    norm, extra = _norm(module.norm, "norm")
     block = NonLocalBlock(theta.in_channels, theta.out_channels,
                           mode="embedded_gaussian" if module.instantiation == "softmax" else "dot_product", dims=3,
                           subsample=kernel is not None and kernel != (1, 1, 1), pool_kernel=kernel, scale=True,
@@ -130,7 +130,7 @@ def _mmcv(module):
     if dims is None:
         raise ValueError(f"module: conv_out must be a Conv1d/2d/3d, got {conv_out.conv}")
     norm_module = conv_out.norm if getattr(conv_out, "with_norm", False) else None
-    norm, extra = _norm("norm", norm_module, "conv_out's norm")
+    norm, extra = _norm(norm_module, "conv_out's norm")
     mode = module.mode
     weights = {"g": _mmcv_conv(module.g, "g"), "out": _conv(conv_out.conv, "conv_out.conv")}
     if mode != "gaussian":
@@ -146,7 +146,7 @@ def _mmcv(module):
 
 def _timm(module):
     theta, phi, g, out = (_conv(getattr(module, n), n) for n in ("t", "p", "g", "z"))
-    norm, extra = _norm("norm", module.norm, "norm")
+    norm, extra = _norm(module.norm, "norm")
     block = NonLocalBlock(theta.in_channels, theta.out_channels, mode="embedded_gaussian", dims=2, subsample=False,
                           scale=float(module.scale), norm=norm, **extra)
     _copy_norm(block, module.norm)
