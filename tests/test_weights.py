@@ -278,6 +278,13 @@ def test_inflated_torchvision_resnet_gives_the_2d_features_on_a_still_clip(name,
     path = tmp_path / "tv.pth"
     torch.save(net.state_dict(), path)
     assert main(["inflate", str(path), str(tmp_path / "out.pt"), "--model", name, "--num-classes", "1000"]) == 0
+    # the file records ImageNet's input normalisation: pipeline-normalised pixels in, what the
+    # weights see on ImageNet-normalised ones out
+    inflated = create_model(name, num_classes=1000, weights=tmp_path / "out.pt").eval()
+    pixels = torch.rand(1, 3, frames, 64, 64) * 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    with torch.no_grad():
+        assert rel_err(inflated((pixels - 114.75) / 57.375), model((pixels / 255 - mean) / std)) < 1e-5
 
 
 def test_blobs_that_are_not_numeric_arrays_are_refused_by_name(tmp_path):

@@ -123,15 +123,35 @@ def _models(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from . import weights
-    from .models import create_model
+    from .models import create_model, model_card
 
-    model = create_model(args.model, num_classes=args.num_classes)
-    if args.command == "convert":
+    model_card(args.model)  # an unknown name before any file is read
+    peer = getattr(args, "peer", "caffe2")
+    options: dict = {}
+    if args.command == "inflate":  # torchvision's weights expect ImageNet's per-channel mean and std
+        options = {"pixel_mean": weights.IMAGENET_PIXELS[0], "pixel_std": weights.IMAGENET_PIXELS[1]}
+        model = create_model(args.model, num_classes=args.num_classes, **options)
+        conversion = weights.inflate_torchvision(weights.read_weights(args.source)["state_dict"], model)
+    elif peer == "caffe2":
+        if args.use_scale is not None:
+            raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
+        options = {"nonlocal_options": {"mode": args.mode}} if args.mode else {}
+        model = create_model(args.model, num_classes=args.num_classes, **options)
         conversion = weights.convert_caffe2(weights.load_caffe2_blobs(args.source), model, skip_classifier=args.init)
     else:
-        payload = weights.read_weights(args.source)
-        conversion = weights.inflate_torchvision(payload["state_dict"], model)
+        state, config = weights.read_peer_checkpoint(args.source, peer)
+        if peer == "mmaction2":
+            options = weights.mmaction2_options(state, config, mode=args.mode, scale=args.use_scale)
+        elif args.use_scale is not None:
+            raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
+        else:
+            options = weights.slowfast_options(state, config, mode=args.mode)
+        model = create_model(args.model, num_classes=args.num_classes, **options)
+        convert = weights.convert_mmaction2 if peer == "mmaction2" else weights.convert_slowfast
+        conversion = convert(state, model, skip_classifier=args.init)
     print(f"{args.source} -> {args.model}: {conversion.report()}")
+    if options:
+        print(f"options carried with the weights: {json.dumps(options)}")
     partial = args.command == "inflate" or args.init
     problems = conversion.unmatched or conversion.mismatched or (conversion.missing and not partial)
     if problems:
@@ -139,8 +159,20 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"nonlocalnet {args.command}: error: the checkpoint does not fit {args.model}; nothing written{hint}",
               file=sys.stderr)
         return 1
-    meta = {"source": os.path.basename(args.source), "kept_initialised": conversion.missing}
-    weights.save_weights(conversion.state_dict, args.out, model=args.model, meta=meta)
+    classes = None
+    if getattr(args, "classes", None):
+        from .data.datasets import read_classes
+
+        classes = read_classes(args.classes)
+        if len(classes) != args.num_classes:
+            raise ValueError(f"classes: expected {args.num_classes} names (--num-classes), got {len(classes)} in "
+                             f"{args.classes}")
+    elif args.command == "convert" and not args.init and args.num_classes == 400:
+        classes = weights.kinetics400_classes()
+    meta = {"source": os.path.basename(args.source), "from": peer if args.command == "convert" else "torchvision",
+            "kept_initialised": conversion.missing, "zeroed": conversion.zeroed}
+    weights.save_weights(conversion.state_dict, args.out, model=args.model, meta=meta, options=options,
+                         classes=classes)
     print(f"wrote {args.out} (load with nonlocalnet.create_model({args.model!r}, weights=...))")
     return 0
 
@@ -346,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full report (per-class accuracy, confusion) here")
     p.set_defaults(handler=_evaluate)
 
-    p = commands.add_parser("predict", help="top labels of videos with a trained checkpoint")
+    p = commands.add_parser("predict", help="top labels of videos with a trained checkpoint or converted weights")
     p.add_argument("videos", nargs="+", metavar="VIDEO")
-    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run, or a zoo model's weights "
+                                                    "(nonlocalnet convert output: its class names are shown)")
     p.add_argument("--top", type=_positive, default=5)
     p.add_argument("--clips", type=_positive)
     p.add_argument("--crops", type=int, choices=(1, 3))
@@ -423,13 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d*_r50'")
     p.set_defaults(handler=_models)
 
-    p = commands.add_parser("convert", help="official Caffe2 .pkl checkpoint -> our weights file")
-    p.add_argument("source", metavar="IN.pkl")
+    p = commands.add_parser("convert", help="a trained checkpoint of the official Caffe2 release, mmaction2 or "
+                                            "PySlowFast -> our weights file (with the options it needs)")
+    p.add_argument("source", metavar="IN", help="official .pkl, mmaction2 .pth or PySlowFast .pyth")
     p.add_argument("out", metavar="OUT.pt")
-    p.add_argument("--model", required=True, help="the zoo model the checkpoint belongs to")
+    p.add_argument("--from", dest="peer", choices=("caffe2", "mmaction2", "slowfast"), default="caffe2",
+                   help="whose checkpoint (default caffe2: the official release)")
+    p.add_argument("--model", required=True, help="the zoo model the checkpoint belongs to, e.g. i3d_nl5_r50 "
+                                                  "(mmaction2's I3D NL 32x2) or i3d_nl5_r50_8x8 (PySlowFast's I3D NLN)")
     p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--mode", choices=("embedded_gaussian", "dot_product", "gaussian", "concatenation"),
+                   help="the non-local blocks' mode when the checkpoint's config does not say (mmaction2's "
+                        "embedded Gaussian and dot-product blocks have the same keys)")
+    p.add_argument("--use-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="mmaction2: its non_local_cfg use_scale (default: the checkpoint's config, else False, "
+                        "the value of mmaction2's non-local configs)")
+    p.add_argument("--classes", help="class names, one per line, kept with the weights (default: the "
+                                     "Kinetics-400 names when there are 400 classes)")
     p.add_argument("--init", action="store_true",
-                   help="an initialisation checkpoint (the ImageNet pretrain): blobs the model has no use for "
+                   help="an initialisation checkpoint (the ImageNet pretrain): entries the model has no use for "
                         "are still errors, but missing entries and a classifier of another size keep their "
                         "initialisation")
     p.set_defaults(handler=_convert)

@@ -30,6 +30,8 @@ class ModelConfig:
     nonlocal_mode: str = "embedded_gaussian"
     dropout: float = 0.5  # every paper script
     weights: str = ""  # initial weights: a file from `nonlocalnet convert` / `inflate` / a checkpoint
+    # ResNet3d arguments over the above (e.g. {stem: mmaction2}); empty: those saved with `weights`
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

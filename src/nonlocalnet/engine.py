@@ -43,7 +43,7 @@ from .config import Config, DataConfig, ModelConfig, OptimConfig, merge_override
 from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, read_charades_csv, read_class_folders,
                             read_kinetics_csv, read_list)
 from .metrics import classification_report, plot_confusion
-from .models import Affine3d, ResNet3d, create_model
+from .models import Affine3d, ResNet3d, create_model, merge_options
 
 __all__ = ["ClipSampler", "clip_gradients", "build_model", "load_initial", "build_annotations", "param_groups", "learning_rate", "precise_bn",
            "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
@@ -115,15 +115,24 @@ class ClipSampler(Sampler):
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
     """A zoo model (``cfg.name``) or a ResNet3d from the fields, with ``cfg.weights`` loaded (a
-    classifier of another shape is left at its initialisation: fine-tuning)."""
-    options = {"mode": cfg.nonlocal_mode}
+    classifier of another shape is left at its initialisation: fine-tuning).
+
+    ``cfg.options`` are ResNet3d arguments over the rest; when empty, those saved with the weights
+    (another library's conventions, from ``nonlocalnet convert``) are used and written into
+    ``cfg.options``, so that the run's checkpoints rebuild the same network without the file."""
+    if not cfg.options and cfg.weights:
+        from .weights import read_weights
+
+        cfg.options = dict(read_weights(cfg.weights)["options"])
+    options = dict(cfg.options)
     if cfg.name:
-        model = create_model(cfg.name, num_classes=num_classes, dropout=cfg.dropout)
+        model = create_model(cfg.name, num_classes=num_classes, **merge_options({"dropout": cfg.dropout}, options))
     else:
         blocks = cfg.nonlocal_preset or {k: tuple(v) for k, v in cfg.nonlocal_blocks.items()}
-        model = ResNet3d(cfg.depth, cfg.inflation, cfg.stem, nonlocal_blocks=blocks or None, nonlocal_options=options,
-                         num_classes=num_classes, dropout=cfg.dropout, width=cfg.width,
-                         stage_blocks=cfg.stage_blocks)
+        fields = dict(depth=cfg.depth, inflation=cfg.inflation, stem=cfg.stem, nonlocal_blocks=blocks or None,
+                      nonlocal_options={"mode": cfg.nonlocal_mode}, dropout=cfg.dropout, width=cfg.width,
+                      stage_blocks=cfg.stage_blocks)
+        model = ResNet3d(**merge_options(fields, options), num_classes=num_classes)
     if cfg.weights:
         load_initial(model, cfg.weights, heads=("pred.",))
     return model
@@ -796,10 +805,35 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None
     return evaluation_report(result, val.multilabel)
 
 
+def load_for_inference(path: str | os.PathLike) -> tuple[ResNet3d, Config, list[str], bool]:
+    """:func:`load_trained` for a training checkpoint; for a weights file of a zoo model
+    (``nonlocalnet convert`` output, ``save_weights(..., model=NAME)``) the model with its saved
+    options, the default test (10 clips x 3 crops of 256, at the model's frames and rate) and the
+    saved class names (``"0"``, ``"1"``, ... without)."""
+    state = load_checkpoint(path, mmap=True)  # the keys only
+    if isinstance(state, dict) and {"classes", "config", "model"} <= set(state):
+        return load_trained(path)
+    from .models import model_card
+    from .weights import read_weights
+
+    payload = read_weights(path)
+    if not payload.get("model") or "pred.weight" not in payload["state_dict"]:
+        raise ValueError(f"weights: {os.fspath(path)} is neither a training checkpoint nor a weights file naming its "
+                         f"zoo model (nonlocalnet convert output)")
+    count = payload["state_dict"]["pred.weight"].shape[0]
+    model = create_model(payload["model"], num_classes=count, weights=path)
+    card = model_card(payload["model"])
+    cfg = Config(model=ModelConfig(name=card.name, options=dict(payload["options"])),
+                 data=DataConfig(frames=card.frames, rate=card.rate))
+    classes = list(payload["classes"] or [str(i) for i in range(count)])
+    return model.eval(), cfg, classes, False
+
+
 def predict(paths, checkpoint: str | os.PathLike, *, top: int = 5, clips: int | None = None,
             crops: int | None = None) -> list[dict]:
-    """Top-``top`` labels with their probabilities for each video, as the trained model's test."""
-    model, cfg, classes, multilabel = load_trained(checkpoint)
+    """Top-``top`` labels with their probabilities for each video, as the trained model's test;
+    ``checkpoint``: a training checkpoint or a zoo model's weights file (:func:`load_for_inference`)."""
+    model, cfg, classes, multilabel = load_for_inference(checkpoint)
     records = [VideoRecord(os.fspath(p), ()) for p in paths]
     annotations = Annotations(records, classes, multilabel)
     dataset = eval_dataset(annotations, cfg.data, clips, crops)

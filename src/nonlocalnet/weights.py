@@ -10,6 +10,10 @@
   ``pred_w`` -> ``pred.weight``. Training state (``*_momentum``, ``lr``, ``model_iter``) is dropped.
 - :func:`inflate_torchvision` maps a torchvision ResNet-50/101 state dict (``layer3.4.conv1.weight``
   -> ``res4.4.branch2a.weight``, ``fc`` -> ``pred``).
+- :func:`convert_mmaction2` and :func:`convert_slowfast` map other libraries' trained C2D / I3D
+  checkpoints (:func:`read_peer_checkpoint`) and say which model options (:func:`mmaction2_options`,
+  :func:`slowfast_options`) make our model compute what theirs computes; the options are saved
+  with the weights and :func:`nonlocalnet.create_model` applies them.
 - Both inflate 2-D weights into 3-D kernels as the official initialisation does (each of the t
   temporal slices = the 2-D kernel / t) and fold BN statistics into a frozen-BN (:class:`Affine3d`)
   model with the official ``convert_to_finetune`` rule: scale s / sqrt(var + 1e-5), shift
@@ -26,6 +30,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Callable, Mapping
@@ -33,12 +39,14 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from .checkpoint import atomic_save
 from .models.resnet3d import Affine3d
 
 __all__ = ["Conversion", "load_caffe2_blobs", "convert_caffe2", "inflate_torchvision", "save_weights",
-           "read_weights", "load_weights", "caffe2_name", "FORMAT"]
+           "read_weights", "load_weights", "caffe2_name", "FORMAT", "read_peer_checkpoint", "convert_mmaction2",
+           "convert_slowfast", "mmaction2_options", "slowfast_options", "kinetics400_classes", "PEERS"]
 
 FORMAT = "nonlocalnet.weights/1"
 AFFINE_EPS = 1e-5  # official convert_to_finetune.py
@@ -128,6 +136,7 @@ class Conversion:
     dropped: list[str] = field(default_factory=list)  # training state (momentum, lr, iteration)
     unmatched: list[tuple[str, tuple]] = field(default_factory=list)  # (source name, shape) nothing takes
     missing: list[str] = field(default_factory=list)  # model keys the source lacks (kept as initialised)
+    zeroed: list[str] = field(default_factory=list)  # model keys the source has no parameter for, 0 there
     mismatched: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)  # name, key, source, model shape
 
     @property
@@ -137,7 +146,9 @@ class Conversion:
 
     def report(self, limit: int = 20) -> str:
         lines = [f"matched {len(self.matched)} (inflated 2-D -> 3-D: {len(self.inflated)}, folded into affine: "
-                 f"{len(self.folded)}), dropped training state {len(self.dropped)}"]
+                 f"{len(self.folded)}), dropped training state {len(self.dropped)}"
+                 + (f", zero where the source has no parameter: {len(self.zeroed)} ({self.zeroed[0]}, ...)"
+                    if self.zeroed else "")]
         sections = [
             ("unmatched (no model entry takes them)", [f"{n} {tuple(s)}" for n, s in self.unmatched]),
             ("shape mismatch (source vs model)", [f"{n} {tuple(a)} -> {k} {tuple(b)}" for n, k, a, b in self.mismatched]),
@@ -161,12 +172,13 @@ def _inflate(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 def _assemble(model: nn.Module, source: Mapping[str, torch.Tensor], name_of: Callable[[str, bool, str], str],
               stats: tuple[str, str], dropped: list[str], skip_shape: Callable[[str], bool] = lambda key: False,
-              ) -> Conversion:
+              zero: Callable[[str], bool] = lambda key: False) -> Conversion:
     """Fill the model's state dict from ``source`` entries named by ``name_of(module, is_norm, param)``.
 
     ``stats`` are the param names under which ``name_of`` finds BN mean and variance, used to fold
     into an :class:`Affine3d`. ``skip_shape(key)``: a shape mismatch there counts as missing (a
-    classifier for another number of classes).
+    classifier for another number of classes). ``zero(key)``: a key the source cannot have (a
+    bias its layer lacks) is set to 0 when absent, which computes what the source computes.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = Conversion(state, dropped=dropped)
@@ -189,7 +201,11 @@ def _assemble(model: nn.Module, source: Mapping[str, torch.Tensor], name_of: Cal
             result.matched.append((name, key))
             continue
         if name not in source:
-            result.missing.append(key)
+            if zero(key):
+                state[key] = torch.zeros_like(target)
+                result.zeroed.append(key)
+            else:
+                result.missing.append(key)
             continue
         used.add(name)
         value = source[name]
@@ -284,15 +300,258 @@ def inflate_torchvision(state_dict: Mapping[str, torch.Tensor], model: nn.Module
 
 
 # --------------------------------------------------------------------------------------------
+# Other libraries' checkpoints: mmaction2 and PySlowFast
+# --------------------------------------------------------------------------------------------
+
+PEERS = ("caffe2", "mmaction2", "slowfast")
+PEER_BN_EPS = 1e-5  # PyTorch's default, which both use
+IMAGENET_PIXELS = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])  # torchvision, mmaction2 (0-255 RGB)
+_SOFTMAX = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}  # PySlowFast's instantiations
+
+
+def kinetics400_classes() -> list[str]:
+    """The 400 Kinetics class names in their usual (sorted) index order, which the official release,
+    mmaction2 (``label_map_k400.txt``) and PySlowFast use."""
+    from importlib import resources
+
+    return (resources.files("nonlocalnet") / "kinetics400.txt").read_text().splitlines()
+
+
+def _torch_load(path: str, what: str) -> object:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source: expected {what}, no file at {path!r}")
+    if not zipfile.is_zipfile(path):
+        hint = " (a Caffe2 pickle, as PySlowFast's I3D_NLN_8x8_R50.pkl: convert it with --from caffe2)" \
+            if path.endswith(".pkl") else ""
+        raise ValueError(f"source: expected {what} (a torch.save zip file), got {path}{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # numpy scalars in a training script's metadata: allow those, nothing else
+        pass
+    except Exception as err:
+        raise ValueError(f"source: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    try:
+        with torch.serialization.safe_globals(list(_allowed_globals().values())):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"source: {path} holds objects other than tensors, numbers, strings and numpy arrays; "
+                         f"not loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def read_peer_checkpoint(path: str | PathLike, peer: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The model state dict of an mmaction2 (``{'meta', 'state_dict'}``) or PySlowFast
+    (``{'model_state', 'cfg', ...}``) checkpoint, or of a bare state dict, and the training
+    configuration text it carries ('' if none): mmengine's ``meta['cfg']``, PySlowFast's ``cfg``.
+    A ``module.`` prefix (a DistributedDataParallel wrapper) is removed."""
+    if peer not in ("mmaction2", "slowfast"):
+        raise ValueError(f"peer: expected 'mmaction2' or 'slowfast', got {peer!r}")
+    path = os.fspath(path)
+    data = _torch_load(path, {"mmaction2": "an mmaction2 .pth", "slowfast": "a PySlowFast .pyth"}[peer])
+    config = ""
+    if isinstance(data, dict):
+        meta = data.get("meta")
+        for text in ((meta or {}).get("cfg"), (meta or {}).get("config"), data.get("cfg")) \
+                if isinstance(meta, dict) or meta is None else (data.get("cfg"),):
+            if isinstance(text, str):
+                config = text
+                break
+        wrapper = {"mmaction2": "state_dict", "slowfast": "model_state"}[peer]
+        if isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                         for k, v in data.items()):
+        keys = list(data)[:6] if isinstance(data, dict) else type(data).__name__
+        wrapper = {"mmaction2": "'state_dict'", "slowfast": "'model_state'"}[peer]
+        raise ValueError(f"source: expected a state dict of tensors (or one under {wrapper}) in {path}, got {keys}")
+    state = {k.removeprefix("module."): v for k, v in data.items()}
+    return state, config
+
+
+def _peer_source(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    source = {k: v.float() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return source, [k for k in state if k.endswith("num_batches_tracked")]
+
+
+def _config_value(text: str, anchor: str, key: str) -> str | None:
+    """``key=value`` inside the Python-syntax config text following ``anchor`` (mmengine's
+    pretty_text of ``non_local_cfg=dict(...)``), or None."""
+    start = text.find(anchor)
+    if start < 0:
+        return None
+    found = re.search(rf"\b{key}\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|(True|False))", text[start:start + 600])
+    return None if found is None else next(g for g in found.groups() if g is not None)
+
+
+def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None,
+                      scale: bool | None = None) -> dict:
+    """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what an
+    mmaction2 ``ResNet3d`` + ``I3DHead`` recognizer with these weights computes.
+
+    Always: its stem (pool1 [1,3,3] padded, stride 2 in time), BN epsilon 1e-5 and ImageNet input
+    normalisation. Its ``NonLocal3d`` blocks: the key/value max-pool after the phi / g convs when
+    ``sub_sample`` (``g.0.conv`` keys), the norm of ``conv_out`` (BN, or none), and ``mode`` and
+    ``use_scale`` from the arguments, else from the config text, else what the keys show
+    (Gaussian blocks have no theta) and ``use_scale=False``, the value of mmaction2's non-local
+    configs. Embedded Gaussian and dot product have the same keys: without a config saying which,
+    ``mode`` must be given.
+    """
+    options: dict = {"stem": "mmaction2", "bn_eps": PEER_BN_EPS, "pixel_mean": list(IMAGENET_PIXELS[0]),
+                     "pixel_std": list(IMAGENET_PIXELS[1])}
+    blocks = [k for k in state if ".non_local_block." in k]
+    if not blocks:
+        return options
+    has_theta = any(".non_local_block.theta." in k for k in blocks)
+    found = _config_value(config, "non_local_cfg", "mode")
+    mode = mode or found or (None if has_theta else "gaussian")
+    if mode is None:
+        mode = "concatenation" if any(".concat_project." in k for k in blocks) else None
+    if mode is None:
+        raise ValueError("mode: the checkpoint's non-local blocks may be 'embedded_gaussian' or 'dot_product' (same "
+                         "keys) and it holds no config saying which; pass --mode")
+    if (mode == "gaussian") == has_theta:
+        raise ValueError(f"mode: {mode!r} does not fit the checkpoint, whose non-local blocks "
+                         f"{'have' if has_theta else 'have no'} theta convs")
+    if scale is None:
+        found_scale = _config_value(config, "non_local_cfg", "use_scale")
+        scale = found_scale == "True" if found_scale is not None else False
+    norms = {k.split(".conv_out.")[1].split(".")[0] for k in blocks if ".conv_out." in k} - {"conv"}
+    if norms - {"bn"}:
+        raise ValueError(f"source: non-local conv_out norms {sorted(norms)}: only BN ('bn') or none is converted")
+    options["nonlocal_options"] = {
+        "mode": mode, "pool": "after", "subsample": any(".non_local_block.g.0." in k for k in blocks),
+        "scale": bool(scale) if mode == "embedded_gaussian" else False, "norm": "batch" if norms else "none",
+    }
+    return options
+
+
+_MM_TOP = {"conv1": "backbone.conv1.conv", "res_conv1_bn": "backbone.conv1.bn", "pred": "cls_head.fc_cls"}
+_MM_BRANCH = {"branch2a": "conv1.conv", "branch2a_bn": "conv1.bn", "branch2b": "conv2.conv", "branch2b_bn": "conv2.bn",
+              "branch2c": "conv3.conv", "branch2c_bn": "conv3.bn", "branch1": "downsample.conv",
+              "branch1_bn": "downsample.bn"}
+_MM_NONLOCAL = {"theta": "theta.conv", "phi": "phi{pool}.conv", "g": "g{pool}.conv", "out": "conv_out.conv",
+                "norm": "conv_out.bn", "concat": "concat_project.conv"}
+
+
+def _mmaction2_name(pooled: bool) -> Callable[[str, bool, str], str]:
+    def name_of(module: str, is_norm: bool, param: str) -> str:
+        if module in _MM_TOP:
+            return f"{_MM_TOP[module]}.{param}"
+        parts = module.split(".")
+        layer = f"backbone.layer{int(parts[0][3:]) - 1}.{parts[1]}" if parts[0].startswith("res") else None
+        if layer and len(parts) == 3 and parts[2] in _MM_BRANCH:
+            return f"{layer}.{_MM_BRANCH[parts[2]]}.{param}"
+        if layer and len(parts) == 4 and parts[2] == "nonlocal_block" and parts[3] in _MM_NONLOCAL:
+            return f"{layer}.non_local_block.{_MM_NONLOCAL[parts[3]].format(pool='.0' if pooled else '')}.{param}"
+        return f"<none: {module}.{param}>"
+    return name_of
+
+
+def convert_mmaction2(state: Mapping[str, torch.Tensor], model: nn.Module, *,
+                      skip_classifier: bool = False) -> Conversion:
+    """Map an mmaction2 recognizer state dict (``backbone.layer3.1.conv1.conv.weight`` ->
+    ``res4.1.branch2a.weight``, ``backbone.layer2.1.non_local_block.phi.0.conv.weight`` ->
+    ``res3.1.nonlocal_block.phi.weight``, ``cls_head.fc_cls`` -> ``pred``) onto ``model``, built
+    with :func:`mmaction2_options`. Their ``conv_out`` before a BN has no bias: ours is set to 0."""
+    source, dropped = _peer_source(state)
+    pooled = any(".non_local_block.g.0." in k for k in source)
+    return _assemble(model, source, _mmaction2_name(pooled), ("running_mean", "running_var"), dropped,
+                     skip_shape=lambda key: skip_classifier and key.startswith("pred."),
+                     zero=lambda key: key.endswith(".nonlocal_block.out.bias"))
+
+
+def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None) -> dict:
+    """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what a
+    PySlowFast ``ResNet`` (``MODEL.ARCH`` c2d or i3d) with these weights computes: its stem
+    (pool1 padded), BN epsilon 1e-5, its ``DATA.MEAN`` / ``DATA.STD``, and for its ``Nonlocal``
+    blocks (pool before the convs as ours, logits x 1/sqrt(C')) ``NONLOCAL.INSTANTIATION``
+    (``softmax`` or ``dot_product``; ``mode`` overrides it, and is needed without a config) and
+    ``NONLOCAL.POOL`` per stage. A config of another architecture (SlowFast, X3D, C2D without
+    pool2, temporal groups) is an error."""
+    cfg = {}
+    if config:
+        try:
+            cfg = yaml.safe_load(config) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"source: its 'cfg' is not YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"source: its 'cfg' is not a PySlowFast config (YAML of {type(cfg).__name__})")
+    arch = (cfg.get("MODEL") or {}).get("ARCH", "i3d")
+    if arch not in ("i3d", "c2d"):
+        raise ValueError(f"source: MODEL.ARCH {arch!r}: only PySlowFast's C2D and I3D ResNets (with pool2) convert")
+    data = cfg.get("DATA") or {}
+    options: dict = {"stem": "slowfast", "bn_eps": PEER_BN_EPS}
+    for key, name in (("MEAN", "pixel_mean"), ("STD", "pixel_std")):
+        if key in data:
+            options[name] = [float(v) * 255.0 for v in data[key]]
+    blocks = [k for k in state if ".pathway0_nonlocal" in k]
+    if not blocks:
+        return options
+    nonlocal_cfg = cfg.get("NONLOCAL") or {}
+    instantiation = nonlocal_cfg.get("INSTANTIATION")
+    if mode is None and instantiation is not None:
+        if instantiation not in _SOFTMAX:
+            raise ValueError(f"source: NONLOCAL.INSTANTIATION {instantiation!r}: expected 'softmax' or 'dot_product'")
+        mode = _SOFTMAX[instantiation]
+    if mode is None:
+        raise ValueError("mode: the checkpoint holds no config with NONLOCAL.INSTANTIATION; pass --mode "
+                         "(embedded_gaussian for 'softmax', or dot_product)")
+    if mode not in _SOFTMAX.values():
+        raise ValueError(f"mode: PySlowFast's blocks are 'embedded_gaussian' (softmax) or 'dot_product', got {mode!r}")
+    if any(group != [1] and group != 1 for group in nonlocal_cfg.get("GROUP", [])):
+        raise ValueError(f"source: NONLOCAL.GROUP {nonlocal_cfg['GROUP']}: temporal groups are not converted")
+    options["nonlocal_options"] = {"mode": mode, "scale": True}
+    stage_options = {}
+    for stage, pools in zip(("res2", "res3", "res4", "res5"), nonlocal_cfg.get("POOL") or []):
+        kernel = tuple(int(k) for k in pools[0])  # pathway 0
+        if kernel != (1, 2, 2):
+            stage_options[stage] = {"subsample": False} if kernel == (1, 1, 1) else {"pool_kernel": kernel}
+    if stage_options:
+        options["nonlocal_stage_options"] = stage_options
+    return options
+
+
+_SF_TOP = {"conv1": "s1.pathway0_stem.conv", "res_conv1_bn": "s1.pathway0_stem.bn", "pred": "head.projection"}
+_SF_NONLOCAL = {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "out": "conv_out", "norm": "bn"}
+
+
+def _slowfast_name(module: str, is_norm: bool, param: str) -> str:
+    if module in _SF_TOP:
+        return f"{_SF_TOP[module]}.{param}"
+    parts = module.split(".")
+    if parts[0].startswith("res") and len(parts) == 3 and parts[2].startswith("branch"):
+        branch = parts[2]
+        sub = branch if branch.startswith("branch1") else f"branch2.{branch[7:]}"  # branch2a_bn -> branch2.a_bn
+        return f"s{parts[0][3:]}.pathway0_res{parts[1]}.{sub}.{param}"
+    if parts[0].startswith("res") and len(parts) == 4 and parts[2] == "nonlocal_block" and parts[3] in _SF_NONLOCAL:
+        return f"s{parts[0][3:]}.pathway0_nonlocal{parts[1]}.{_SF_NONLOCAL[parts[3]]}.{param}"
+    return f"<none: {module}.{param}>"
+
+
+def convert_slowfast(state: Mapping[str, torch.Tensor], model: nn.Module, *, skip_classifier: bool = False) -> Conversion:
+    """Map a PySlowFast ``model_state`` (``s4.pathway0_res3.branch2.a_bn.running_var`` ->
+    ``res4.3.branch2a_bn.running_var``, ``s3.pathway0_nonlocal1.conv_theta.weight`` ->
+    ``res3.1.nonlocal_block.theta.weight``, ``...nonlocal1.bn`` -> ``...nonlocal_block.norm``,
+    ``head.projection`` -> ``pred``) onto ``model``, built with :func:`slowfast_options`."""
+    source, dropped = _peer_source(state)
+    return _assemble(model, source, _slowfast_name, ("running_mean", "running_var"), dropped,
+                     skip_shape=lambda key: skip_classifier and key.startswith("pred."))
+
+
+# --------------------------------------------------------------------------------------------
 # Our own checkpoints
 # --------------------------------------------------------------------------------------------
 
 def save_weights(weights: nn.Module | Mapping[str, torch.Tensor], path: str | PathLike, *, model: str | None = None,
-                 meta: Mapping[str, object] | None = None) -> None:
-    """Write ``{"format", "model", "state_dict", "meta"}`` atomically (a temporary file, then rename)."""
+                 meta: Mapping[str, object] | None = None, options: Mapping[str, object] | None = None,
+                 classes: list[str] | None = None) -> None:
+    """Write ``{"format", "model", "state_dict", "meta", "options", "classes"}`` atomically (a
+    temporary file, then rename). ``options``: :class:`~nonlocalnet.models.ResNet3d` arguments over
+    the zoo model's that the weights need (another library's conventions), applied by
+    :func:`nonlocalnet.create_model`; ``classes``: the names of the classifier's outputs."""
     state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
     payload = {"format": FORMAT, "model": model, "state_dict": {k: v.detach().cpu() for k, v in state.items()},
-               "meta": dict(meta or {})}
+               "meta": dict(meta or {}), "options": dict(options or {}),
+               "classes": None if classes is None else [str(c) for c in classes]}
     atomic_save(payload, path)
 
 
@@ -306,19 +565,20 @@ def read_weights(path: str | PathLike) -> dict:
     except Exception as err:  # a truncated zip, a pickle with code, ...: say which file
         raise ValueError(f"weights: {path} is not a loadable weights file ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        return data
+        return {"options": {}, "classes": None, **data}
     for wrapper in ("state_dict", "model"):  # common training-script layouts
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
         raise ValueError(f"weights: expected a state dict of tensors in {path}, got {type(data).__name__}"
                          + (f" with keys {list(data)[:5]}" if isinstance(data, dict) else ""))
-    return {"format": None, "model": None, "state_dict": data, "meta": {}}
+    return {"format": None, "model": None, "state_dict": data, "meta": {}, "options": {}, "classes": None}
 
 
-def load_weights(model: nn.Module, path: str | PathLike) -> dict:
-    """Load a weights file into ``model`` strictly; a ValueError lists what does not fit, with shapes."""
-    payload = read_weights(path)
+def load_weights(model: nn.Module, path: str | PathLike, payload: dict | None = None) -> dict:
+    """Load a weights file (or its ``payload``, already read) into ``model`` strictly; a ValueError
+    lists what does not fit, with shapes."""
+    payload = read_weights(path) if payload is None else payload
     state = payload["state_dict"]
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -14,6 +14,11 @@ Stems (``stem``):
   pool2 [2,1,1] stride [2,1,1]; 8 frames give the same map sizes from res2 on.
 pool1 has no spatial padding, so a 224 input gives 55 x 55 at res2 as in the official code (the
 paper's table says 56); res3..res5 are 28, 14, 7 either way.
+Two more stems carry other libraries' trained models (``nonlocalnet convert --from ...``):
+- ``"mmaction2"`` (mmaction2 ``ResNet3d`` I3D, its 32x2 models): conv1 temporal stride 2, pool1
+  [1,3,3] stride [2,2,2] padded [0,1,1], pool2 [2,1,1]; 32 frames give T = 8 at res2, 56 x 56.
+- ``"slowfast"`` (PySlowFast ``ResNet`` C2D/I3D, its 8x8 models): conv1 temporal stride 1, pool1
+  [1,3,3] stride [1,2,2] padded [0,1,1], pool2 [2,1,1] after res2.
 
 Normalisation (``frozen_bn``): BatchNorm with the official epsilon 1.0000001e-5 and PyTorch
 momentum 0.1 (Caffe2's 0.9), or, as the official ``MODEL.USE_AFFINE`` models (128x1, 32x4), a
@@ -34,10 +39,13 @@ DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
 INFLATIONS = ("c2d", "3x1x1", "3x3x3")
 STEMS = {
-    # conv1 stride, pool1 kernel, pool1 stride, pool2 kernel = stride
-    "32x2": ((2, 2, 2), (2, 3, 3), (2, 2, 2), (2, 1, 1)),
-    "8x8": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (2, 1, 1)),
+    # conv1 stride, pool1 kernel, pool1 stride, pool1 padding, pool2 kernel = stride
+    "32x2": ((2, 2, 2), (2, 3, 3), (2, 2, 2), (0, 0, 0), (2, 1, 1)),
+    "8x8": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (0, 0, 0), (2, 1, 1)),
+    "mmaction2": ((2, 2, 2), (1, 3, 3), (2, 2, 2), (0, 1, 1), (2, 1, 1)),
+    "slowfast": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (0, 1, 1), (2, 1, 1)),
 }
+OFFICIAL_PIXELS = (114.75, 57.375)  # official MODEL.MEAN / MODEL.STD: what the data pipeline gives
 
 
 # Non-local positions (residual blocks followed by a block, 0-based within the stage) of the
@@ -87,8 +95,8 @@ class Affine3d(nn.Module):
         return str(self.num_features)
 
 
-def _norm(channels: int, frozen: bool) -> nn.Module:
-    return Affine3d(channels) if frozen else nn.BatchNorm3d(channels, eps=BN_EPS)
+def _norm(channels: int, frozen: bool, eps: float = BN_EPS) -> nn.Module:
+    return Affine3d(channels) if frozen else nn.BatchNorm3d(channels, eps=eps)
 
 
 class Bottleneck3d(nn.Module):
@@ -100,19 +108,19 @@ class Bottleneck3d(nn.Module):
     """
 
     def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int, temporal_a: int = 1,
-                 temporal_b: int = 1, frozen_bn: bool = False):
+                 temporal_b: int = 1, frozen_bn: bool = False, bn_eps: float = BN_EPS):
         super().__init__()
         self.branch2a = nn.Conv3d(in_channels, inner, (temporal_a, 1, 1), padding=(temporal_a // 2, 0, 0), bias=False)
-        self.branch2a_bn = _norm(inner, frozen_bn)
+        self.branch2a_bn = _norm(inner, frozen_bn, bn_eps)
         self.branch2b = nn.Conv3d(inner, inner, (temporal_b, 3, 3), stride=(1, stride, stride),
                                   padding=(temporal_b // 2, 1, 1), bias=False)
-        self.branch2b_bn = _norm(inner, frozen_bn)
+        self.branch2b_bn = _norm(inner, frozen_bn, bn_eps)
         self.branch2c = nn.Conv3d(inner, out_channels, 1, bias=False)
-        self.branch2c_bn = _norm(out_channels, frozen_bn)
+        self.branch2c_bn = _norm(out_channels, frozen_bn, bn_eps)
         self.branch1 = self.branch1_bn = None
         if stride != 1 or in_channels != out_channels:
             self.branch1 = nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False)
-            self.branch1_bn = _norm(out_channels, frozen_bn)
+            self.branch1_bn = _norm(out_channels, frozen_bn, bn_eps)
         self.relu = nn.ReLU(inplace=True)
         self.nonlocal_block: NonLocalBlock | None = None
 
@@ -131,7 +139,8 @@ class ResNet3d(nn.Module):
         depth: 50 or 101.
         inflation: ``"c2d"`` (every conv 1 x k x k), ``"3x1x1"`` (the official I3D: conv1 5x7x7 and
             branch2a 3x1x1 in every other block) or ``"3x3x3"`` (the same blocks inflate branch2b).
-        stem: ``"32x2"`` or ``"8x8"`` (module docstring).
+        stem: ``"32x2"`` or ``"8x8"``, or the peers' ``"mmaction2"`` and ``"slowfast"`` (module
+            docstring).
         nonlocal_blocks: residual blocks followed by a non-local block, e.g.
             ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (the paper's 5 blocks in R50), or a preset
             name of :data:`NONLOCAL_PRESETS`: ``"nl1"``, ``"nl5"``, ``"nl10"`` or one block in
@@ -149,6 +158,12 @@ class ResNet3d(nn.Module):
             (64 in the paper; smaller for the built-in CPU job).
         stage_blocks: residual blocks in res2..res5, overriding ``depth``'s (3, 4, 6, 3) /
             (3, 4, 23, 3); presets still take their positions from ``depth``.
+        bn_eps: epsilon of every BN, the non-local blocks' included (official 1.0000001e-5;
+            mmaction2 and PySlowFast use PyTorch's 1e-5).
+        pixel_mean, pixel_std: the per-channel (RGB, 0-255) input normalisation the weights were
+            trained with. The data pipeline normalises as the official code, (pixel - 114.75) /
+            57.375; other values (mmaction2's ImageNet mean and std) make the model first map its
+            input to theirs, exactly, before conv1.
 
     ``forward`` averages over all remaining positions, so any T, H, W the strides allow works.
     The official test instead slides the training-size pool over the map and scores each position
@@ -170,6 +185,9 @@ class ResNet3d(nn.Module):
         *,
         width: int = 64,
         stage_blocks: Sequence[int] | None = None,
+        bn_eps: float = BN_EPS,
+        pixel_mean: float | Sequence[float] = OFFICIAL_PIXELS[0],
+        pixel_std: float | Sequence[float] = OFFICIAL_PIXELS[1],
     ):
         super().__init__()
         if isinstance(nonlocal_blocks, str):
@@ -184,12 +202,16 @@ class ResNet3d(nn.Module):
                 raise ValueError(f"nonlocal_stage_options: expected stage names from {STAGES}, got {name!r}")
         self.depth, self.inflation, self.stem, self.frozen_bn = depth, inflation, stem, bool(frozen_bn)
         self.width, self.stage_blocks = width, counts
-        conv1_stride, pool1_kernel, pool1_stride, pool2 = STEMS[stem]
+        if not (isinstance(bn_eps, (int, float)) and bn_eps > 0):
+            raise ValueError(f"bn_eps: expected a positive float, got {bn_eps!r}")
+        self.bn_eps = float(bn_eps)
+        self._set_pixels(pixel_mean, pixel_std)
+        conv1_stride, pool1_kernel, pool1_stride, pool1_padding, pool2 = STEMS[stem]
         t1 = 1 if inflation == "c2d" else 5
         self.conv1 = nn.Conv3d(3, width, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
-        self.res_conv1_bn = _norm(width, frozen_bn)
+        self.res_conv1_bn = _norm(width, frozen_bn, self.bn_eps)
         self.relu = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride)
+        self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride, pool1_padding)
         self.pool2 = nn.MaxPool3d(pool2, pool2)
         inflated = inflated_blocks(counts) if inflation != "c2d" else {}
         in_channels = width
@@ -201,7 +223,7 @@ class ResNet3d(nn.Module):
                 stage.append(Bottleneck3d(
                     in_channels, inner, inner * 4, stride=2 if i == 0 and index > 0 else 1,
                     temporal_a=t if inflation == "3x1x1" else 1, temporal_b=t if inflation == "3x3x3" else 1,
-                    frozen_bn=frozen_bn,
+                    frozen_bn=frozen_bn, bn_eps=self.bn_eps,
                 ))
                 in_channels = inner * 4
             self.add_module(name, nn.Sequential(*stage))
@@ -214,7 +236,7 @@ class ResNet3d(nn.Module):
             for i in indices:
                 block = NonLocalBlock(stage[i].branch2c.out_channels, dims=3, **options)
                 if isinstance(block.norm, nn.BatchNorm3d):
-                    block.norm.eps = BN_EPS
+                    block.norm.eps = self.bn_eps
                 stage[i].nonlocal_block = block
         self.reset_parameters(zero_init_residual)
 
@@ -240,9 +262,36 @@ class ResNet3d(nn.Module):
         nn.init.normal_(self.pred.weight, std=0.01)
         nn.init.zeros_(self.pred.bias)
 
+    def _set_pixels(self, mean, std) -> None:
+        """The input map (pipeline normalisation -> the weights') as a per-channel scale and shift,
+        or None when the two agree."""
+        values = []
+        for name, value in (("pixel_mean", mean), ("pixel_std", std)):
+            v = [value] * 3 if isinstance(value, (int, float)) else list(value)
+            if len(v) != 3 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v) or \
+                    (name == "pixel_std" and min(v) <= 0):
+                raise ValueError(f"{name}: expected a number or 3 numbers (RGB, 0-255)"
+                                 f"{', positive' if name == 'pixel_std' else ''}, got {value!r}")
+            values.append([float(c) for c in v])
+        self.pixel_mean, self.pixel_std = values
+        base_mean, base_std = OFFICIAL_PIXELS
+        if all(m == base_mean for m in values[0]) and all(s == base_std for s in values[1]):
+            self.input_map = None
+            return
+        # x_theirs = (pixel - mean) / std with pixel = x * base_std + base_mean
+        self.input_map = ([base_std / s for s in values[1]], [(base_mean - m) / s for m, s in zip(*values)])
+
+    def map_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A pipeline-normalised clip in the normalisation the weights expect (see ``pixel_mean``)."""
+        if self.input_map is None:
+            return x
+        scale, shift = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1) for v in self.input_map)
+        return torch.addcmul(shift, x, scale)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> res5 features (B, 2048, T', H', W')."""
         _check_input(x)
+        x = self.map_input(x)
         x = self.pool1(self.relu(self.res_conv1_bn(self.conv1(x))))
         x = self.pool2(self.res2(x))
         return self.res5(self.res4(self.res3(x)))
