@@ -410,3 +410,17 @@ def test_peer_conventions_export(tmp_path):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     report = export_model(model, tmp_path / "m.onnx", "onnx", frames=16, size=64)
     assert report["max_abs_error"] < 1e-4
+
+
+def test_visualize_and_export_take_a_weights_file_alone(tmp_path):
+    """`--checkpoint converted.pt` without --model: the file names its model, options and classes."""
+    import argparse
+
+    from nonlocalnet.cli import _cli_model
+    from nonlocalnet.weights import save_weights
+
+    save_weights(create_model("c2d_r50_8x8", num_classes=7, stem="slowfast"), tmp_path / "w.pt",
+                 model="c2d_r50_8x8", options={"stem": "slowfast"})
+    model, frames, rate = _cli_model(argparse.Namespace(checkpoint=str(tmp_path / "w.pt"), model=None, frames=None,
+                                                        num_classes=400))
+    assert model.pred.out_features == 7 and model.stem == "slowfast" and (frames, rate) == (8, 8)

@@ -293,11 +293,17 @@ def _cli_model(args: argparse.Namespace):
 
         model, cfg = load_trained(args.checkpoint)[:2]
         return model, frames or cfg.data.frames, rate or cfg.data.rate
-    if not args.model:
+    from .weights import FORMAT
+
+    saved = state if isinstance(state, dict) and state.get("format") == FORMAT else {}  # save_weights / convert
+    name = args.model or saved.get("model")
+    if not name:
         raise ValueError("model: expected --model NAME (with --checkpoint for trained weights) or a training "
                          "--checkpoint")
-    card = model_card(args.model)
-    model = create_model(args.model, num_classes=args.num_classes, weights=args.checkpoint)
+    card = model_card(name)
+    classifier = saved.get("state_dict", {}).get("pred.weight")
+    count = args.num_classes if classifier is None else classifier.shape[0]
+    model = create_model(name, num_classes=count, weights=args.checkpoint)
     if not args.checkpoint:
         logging.getLogger("nonlocalnet").warning("no --checkpoint: random weights")
     return model, frames or card.frames, rate or card.rate
@@ -403,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("visualize", help="what a non-local block attends to in a video (paper Fig. 1 and 3)")
     p.add_argument("video", metavar="VIDEO")
-    p.add_argument("--model", help="zoo name (see `nonlocalnet models`); not needed with a training checkpoint")
+    p.add_argument("--model", help="zoo name (see `nonlocalnet models`); not needed with a training checkpoint or "
+                                   "a weights file that names it (convert output)")
     p.add_argument("--checkpoint", help="weights file of the zoo model, or a `nonlocalnet train` checkpoint.pt")
     p.add_argument("--block", required=True, help="the block, by the residual block it follows, e.g. res3.1")
     p.add_argument("--queries", nargs="*", metavar="FRAME,Y,X", help="query pixels of the clip (default: the "
@@ -421,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="a zoo or trained model as ONNX, TorchScript or PT2, checked against "
                                            "PyTorch")
-    p.add_argument("model", nargs="?", help="zoo name; not needed with a training --checkpoint")
+    p.add_argument("model", nargs="?", help="zoo name; not needed with a training --checkpoint or a weights file "
+                                            "that names it (convert output)")
     p.add_argument("--checkpoint", help="weights file of the zoo model, or a `nonlocalnet train` checkpoint.pt")
     p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
     p.add_argument("--out", help="output file (default NAME.onnx / .ts / .pt2)")

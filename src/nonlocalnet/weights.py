@@ -349,12 +349,9 @@ def read_peer_checkpoint(path: str | PathLike, peer: str) -> tuple[dict[str, tor
     data = _torch_load(path, {"mmaction2": "an mmaction2 .pth", "slowfast": "a PySlowFast .pyth"}[peer])
     config = ""
     if isinstance(data, dict):
-        meta = data.get("meta")
-        for text in ((meta or {}).get("cfg"), (meta or {}).get("config"), data.get("cfg")) \
-                if isinstance(meta, dict) or meta is None else (data.get("cfg"),):
-            if isinstance(text, str):
-                config = text
-                break
+        meta = data["meta"] if isinstance(data.get("meta"), dict) else {}
+        texts = [t for t in (meta.get("cfg"), meta.get("config"), data.get("cfg")) if isinstance(t, str)]
+        config = texts[0] if texts else ""
         wrapper = {"mmaction2": "state_dict", "slowfast": "model_state"}[peer]
         if isinstance(data.get(wrapper), dict):
             data = data[wrapper]
