@@ -67,6 +67,13 @@ def test_torchscript_and_pt2_exports_agree_with_pytorch(tmp_path, fmt):
         assert (loaded(clip) - model(clip)).abs().max() < 1e-4
 
 
+def test_a_clip_of_one_stride_exports_with_fixed_time(tmp_path):
+    model = every_mode_model()  # temporal stride 2
+    report = export_model(model, tmp_path / "m.pt2", "pt2", frames=2, size=48)
+    assert report["dynamic"] == "batch (time fixed at 2)" and report["checked"] == [3, 3, 2, 48, 48]
+    assert report["max_abs_error"] <= 1e-4
+
+
 @pytest.mark.parametrize("mode, affinity", [(m, "spacetime") for m in MODES] + [("embedded_gaussian", "space"),
                                                                                ("embedded_gaussian", "time")])
 def test_compiled_block_equals_eager_values_and_gradients(mode, affinity):

@@ -2,8 +2,10 @@
 onnxruntime), TorchScript and PT2 (``torch.export``), each checked against eager PyTorch.
 
 The batch and time axes stay dynamic: the time axis as a multiple of the model's temporal stride
-(the product of its convs' and pools' strides in time: 2 for the 8x8 stem, 8 for the 32x2 one),
-the spatial size fixed at the example's. After writing, the file is loaded back and run on a fresh
+(the product of its convs' and pools' strides in time: 2 for the 8x8 stem, 8 for the 32x2 one)
+from two strides on, the spatial size fixed at the example's. A clip of one stride (8 frames into
+a 32x2-stem model) leaves one frame for the last stages, which the traced program cannot share
+with longer clips: it exports with its time fixed. After writing, the file is loaded back and run on a fresh
 random clip with another batch size and another clip length than the example's; the largest
 absolute difference from the eager model must stay within ``atol``, else the export fails.
 
@@ -64,15 +66,21 @@ def _without_searchsorted(model: nn.Module):
 
 
 def _dynamic(stride: int, frames: int):
-    return {"x": {0: torch.export.Dim("batch", min=1, max=1024),
-                  2: stride * torch.export.Dim("time", min=2, max=max(64, 4 * frames // stride))}}
+    """Dynamic batch, and time in multiples of the stride from 2 strides on: a clip of one stride
+    reaches the last stages with one frame, which the traced program cannot share (a guard), so
+    ``frames == stride`` exports with a fixed time."""
+    axes = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if frames >= 2 * stride:
+        axes[2] = stride * torch.export.Dim("time", min=2, max=max(64, 4 * frames // stride))
+    return {"x": axes}
 
 
 def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, *, frames: int, size: int, batch: int = 2,
                  atol: float = 1e-4, seed: int = 0) -> dict:
     """Write ``model`` (eval mode) to ``path`` as ``fmt`` for inputs (B, 3, T, size, size) and check
-    the file against eager PyTorch on a fresh clip (B + 1, 3, T + stride, size, size). Returns the
-    report: format, path, checked shape, max_abs_error, dynamic axes."""
+    the file against eager PyTorch on a fresh clip (B + 1, 3, T + stride, size, size), or
+    (B + 1, 3, T, size, size) when T is one stride and stays fixed. Returns the report: format,
+    path, checked shape, max_abs_error, dynamic axes."""
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     stride = temporal_stride(model)
@@ -81,7 +89,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, *, frames:
     model = model.eval()
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(batch, 3, frames, size, size, generator=generator)
-    check = torch.randn(batch + 1, 3, frames + stride, size, size, generator=generator)
+    dynamic_time = frames >= 2 * stride
+    check = torch.randn(batch + 1, 3, frames + stride if dynamic_time else frames, size, size, generator=generator)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -104,7 +113,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, *, frames:
             got = torch.export.load(os.fspath(path)).module()(check)
     error = float((got.float() - expected.float()).abs().max())
     report = {"format": fmt, "path": os.fspath(path), "example": list(example.shape), "checked": list(check.shape),
-              "max_abs_error": error, "dynamic": f"batch, time (multiples of {stride})"}
+              "max_abs_error": error,
+              "dynamic": f"batch, time (multiples of {stride})" if dynamic_time else f"batch (time fixed at {frames})"}
     if not error <= atol:
         raise ValueError(f"export: the {fmt} file differs from the eager model by {error:.3g} (> atol {atol}) on a "
                          f"clip of shape {tuple(check.shape)}")
