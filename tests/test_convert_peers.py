@@ -424,3 +424,34 @@ def test_visualize_and_export_take_a_weights_file_alone(tmp_path):
     model, frames, rate = _cli_model(argparse.Namespace(checkpoint=str(tmp_path / "w.pt"), model=None, frames=None,
                                                         num_classes=400))
     assert model.pred.out_features == 7 and model.stem == "slowfast" and (frames, rate) == (8, 8)
+
+
+def test_evaluate_converted_weights_on_a_data_set(tmp_path):
+    """`nonlocalnet evaluate CONFIG --weights converted.pt`: the user's data, the file's model and
+    Kinetics class names (a data set with other classes is refused by name)."""
+    pytest.importorskip("av")
+    from nonlocalnet.config import Config, DataConfig
+    from nonlocalnet.data.synthetic import write_video
+    from nonlocalnet.engine import evaluate_checkpoint
+
+    torch.save({"model_state": slowfast_state(), "cfg": _sf_config("dot_product")}, tmp_path / "sf.pyth")
+    assert main(["convert", str(tmp_path / "sf.pyth"), str(tmp_path / "out.pt"), "--from", "slowfast",
+                 "--model", "i3d_nl5_r50_8x8"]) == 0
+    gen = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        write_video(tmp_path / f"{name}.mp4", torch.randint(0, 256, (16, 64, 80, 3), generator=gen,
+                                                            dtype=torch.uint8).numpy())
+    (tmp_path / "classes.txt").write_text("\n".join(kinetics400_classes()) + "\n")
+    (tmp_path / "val.txt").write_text("a.mp4 5\nb.mp4 399\n")
+    data = DataConfig(dataset="list", root=str(tmp_path), train=str(tmp_path / "val.txt"),
+                      val=str(tmp_path / "val.txt"), classes=str(tmp_path / "classes.txt"), frames=8, rate=8,
+                      test_scale=64, test_crop=64, test_clips=1, test_crops=1, workers=0)
+    report = evaluate_checkpoint(tmp_path / "out.pt", Config(data=data), batch_size=2)
+    assert report["videos"] == 2 and 0.0 <= report["top1"] <= 1.0
+    with pytest.raises(ValueError, match="holds weights without a data set; pass a config"):
+        evaluate_checkpoint(tmp_path / "out.pt")
+    (tmp_path / "few.txt").write_text("playing guitar\nzumba\n")
+    data.classes = str(tmp_path / "few.txt")
+    (tmp_path / "val.txt").write_text("a.mp4 0\nb.mp4 1\n")
+    with pytest.raises(ValueError, match="the model's 400 classes differ from data.val's 2"):
+        evaluate_checkpoint(tmp_path / "out.pt", Config(data=data), batch_size=2)

@@ -374,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(commands.add_parser(
         "train", help="train (default: the built-in C2D vs non-local job on synthetic videos)"), _train, "default")
 
-    p = commands.add_parser("evaluate", help="multi-view test of a trained checkpoint on data.val")
-    p.add_argument("config", nargs="?", help="config whose data.val to use (default: the checkpoint's)")
-    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run")
+    p = commands.add_parser("evaluate", help="multi-view test of a trained checkpoint or converted weights on data.val")
+    p.add_argument("config", nargs="?", help="config whose data.val to use (default: the checkpoint's; needed for "
+                                             "converted weights)")
+    p.add_argument("--weights", required=True, help="checkpoint.pt of a training run, or a zoo model's weights "
+                                                    "(nonlocalnet convert output)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--clips", type=_positive, help="clips per video (default: the config's, paper 10)")
     p.add_argument("--crops", type=int, choices=(1, 3), help="crops per clip (default: the config's, paper 3)")

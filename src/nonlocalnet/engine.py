@@ -793,8 +793,14 @@ def load_trained(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tupl
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None, overrides: Sequence[str] = (), *,
                         clips: int | None = None, crops: int | None = None, batch_size: int = 8) -> dict:
     """``nonlocalnet evaluate``: the multi-view test of a training checkpoint on ``cfg.data.val``
-    (default: the configuration saved in the checkpoint, with ``overrides``)."""
-    model, saved, classes, _ = load_trained(checkpoint, () if cfg else overrides)
+    (default: the configuration saved in the checkpoint, with ``overrides``), or of a zoo model's
+    weights file (:func:`load_for_inference`: ``nonlocalnet convert`` output) on ``cfg``'s."""
+    trained = _is_training_checkpoint(checkpoint)
+    if not trained and cfg is None:
+        raise ValueError(f"config: {os.fspath(checkpoint)} holds weights without a data set; pass a config whose "
+                         f"data.val to evaluate on")
+    model, saved, classes, _ = load_trained(checkpoint, () if cfg else overrides) if trained else \
+        load_for_inference(checkpoint)
     cfg = cfg or saved
     device = dist.setup()
     _, val = build_annotations(cfg.data)
@@ -805,13 +811,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None
     return evaluation_report(result, val.multilabel)
 
 
+def _is_training_checkpoint(path: str | os.PathLike) -> bool:
+    state = load_checkpoint(path, mmap=True)  # the keys only
+    return isinstance(state, dict) and {"classes", "config", "model"} <= set(state)
+
+
 def load_for_inference(path: str | os.PathLike) -> tuple[ResNet3d, Config, list[str], bool]:
     """:func:`load_trained` for a training checkpoint; for a weights file of a zoo model
     (``nonlocalnet convert`` output, ``save_weights(..., model=NAME)``) the model with its saved
     options, the default test (10 clips x 3 crops of 256, at the model's frames and rate) and the
     saved class names (``"0"``, ``"1"``, ... without)."""
-    state = load_checkpoint(path, mmap=True)  # the keys only
-    if isinstance(state, dict) and {"classes", "config", "model"} <= set(state):
+    if _is_training_checkpoint(path):
         return load_trained(path)
     from .models import model_card
     from .weights import read_weights
