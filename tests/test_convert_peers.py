@@ -333,7 +333,7 @@ def test_slowfast_without_config_and_bad_files(tmp_path, capsys):
 def test_converted_weights_train_with_their_options(tmp_path):
     """Fine-tuning from converted weights builds the network they need and records it, so that the
     run's checkpoints rebuild it."""
-    from nonlocalnet.config import ModelConfig
+    from nonlocalnet.config import Config, ModelConfig, to_yaml
     from nonlocalnet.engine import build_model
 
     torch.save({"state_dict": mmaction2_state("dot_product")}, tmp_path / "a.pth")
@@ -343,6 +343,11 @@ def test_converted_weights_train_with_their_options(tmp_path):
     model = build_model(cfg, num_classes=10)  # fine-tuning: another classifier
     assert model.stem == "mmaction2" and model.res3[1].nonlocal_block.pool == "after"
     assert cfg.options["nonlocal_options"]["mode"] == "dot_product"
+    # a run's checkpoint, as the initial weights of another run, brings the options too
+    torch.save({"model": model.state_dict(), "classes": list("0123456789"), "config": to_yaml(Config(model=cfg))},
+               tmp_path / "checkpoint.pt")
+    again = ModelConfig(name="i3d_nl5_r50", weights=str(tmp_path / "checkpoint.pt"))
+    assert build_model(again, num_classes=10).stem == "mmaction2" and again.options == cfg.options
     cfg.weights = ""
     rebuilt = build_model(cfg, num_classes=10)  # what load_trained does with a run's saved config
     rebuilt.load_state_dict(model.state_dict())

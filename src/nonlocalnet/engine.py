@@ -121,9 +121,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
     (another library's conventions, from ``nonlocalnet convert``) are used and written into
     ``cfg.options``, so that the run's checkpoints rebuild the same network without the file."""
     if not cfg.options and cfg.weights:
-        from .weights import read_weights
-
-        cfg.options = dict(read_weights(cfg.weights)["options"])
+        cfg.options = _saved_options(cfg.weights)
     options = dict(cfg.options)
     if cfg.name:
         model = create_model(cfg.name, num_classes=num_classes, **merge_options({"dropout": cfg.dropout}, options))
@@ -136,6 +134,18 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
     if cfg.weights:
         load_initial(model, cfg.weights, heads=("pred.",))
     return model
+
+
+def _saved_options(path: str | os.PathLike) -> dict:
+    """The model options a weights file or a training checkpoint's configuration records."""
+    if _is_training_checkpoint(path):
+        from omegaconf import OmegaConf
+
+        saved = OmegaConf.to_container(OmegaConf.create(load_checkpoint(path, mmap=True)["config"]))
+        return dict((saved.get("model") or {}).get("options") or {})
+    from .weights import read_weights
+
+    return dict(read_weights(path)["options"])
 
 
 def load_initial(model: nn.Module, path: str, *, heads: Sequence[str], optional: Sequence[str] = (),
