@@ -127,14 +127,14 @@ def _convert(args: argparse.Namespace) -> int:
 
     model_card(args.model)  # an unknown name before any file is read
     peer = getattr(args, "peer", "caffe2")
+    if args.command == "convert" and args.use_scale is not None and peer != "mmaction2":
+        raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
     options: dict = {}
     if args.command == "inflate":  # torchvision's weights expect ImageNet's per-channel mean and std
         options = {"pixel_mean": weights.IMAGENET_PIXELS[0], "pixel_std": weights.IMAGENET_PIXELS[1]}
         model = create_model(args.model, num_classes=args.num_classes, **options)
         conversion = weights.inflate_torchvision(weights.read_weights(args.source)["state_dict"], model)
     elif peer == "caffe2":
-        if args.use_scale is not None:
-            raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
         options = {"nonlocal_options": {"mode": args.mode}} if args.mode else {}
         model = create_model(args.model, num_classes=args.num_classes, **options)
         conversion = weights.convert_caffe2(weights.load_caffe2_blobs(args.source), model, skip_classifier=args.init)
@@ -142,8 +142,6 @@ def _convert(args: argparse.Namespace) -> int:
         state, config = weights.read_peer_checkpoint(args.source, peer)
         if peer == "mmaction2":
             options = weights.mmaction2_options(state, config, mode=args.mode, scale=args.use_scale)
-        elif args.use_scale is not None:
-            raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
         else:
             options = weights.slowfast_options(state, config, mode=args.mode)
         model = create_model(args.model, num_classes=args.num_classes, **options)

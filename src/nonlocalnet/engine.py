@@ -145,7 +145,7 @@ def _saved_options(path: str | os.PathLike) -> dict:
         return dict((saved.get("model") or {}).get("options") or {})
     from .weights import read_weights
 
-    return dict(read_weights(path)["options"])
+    return dict(read_weights(path, mmap=True)["options"])
 
 
 def load_initial(model: nn.Module, path: str, *, heads: Sequence[str], optional: Sequence[str] = (),
@@ -810,7 +810,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None
         raise ValueError(f"config: {os.fspath(checkpoint)} holds weights without a data set; pass a config whose "
                          f"data.val to evaluate on")
     model, saved, classes, _ = load_trained(checkpoint, () if cfg else overrides) if trained else \
-        load_for_inference(checkpoint)
+        _load_zoo_weights(checkpoint)
     cfg = cfg or saved
     device = dist.setup()
     _, val = build_annotations(cfg.data)
@@ -831,12 +831,14 @@ def load_for_inference(path: str | os.PathLike) -> tuple[ResNet3d, Config, list[
     (``nonlocalnet convert`` output, ``save_weights(..., model=NAME)``) the model with its saved
     options, the default test (10 clips x 3 crops of 256, at the model's frames and rate) and the
     saved class names (``"0"``, ``"1"``, ... without)."""
-    if _is_training_checkpoint(path):
-        return load_trained(path)
+    return load_trained(path) if _is_training_checkpoint(path) else _load_zoo_weights(path)
+
+
+def _load_zoo_weights(path: str | os.PathLike) -> tuple[ResNet3d, Config, list[str], bool]:
     from .models import model_card
     from .weights import read_weights
 
-    payload = read_weights(path)
+    payload = read_weights(path, mmap=True)  # names, options and shapes; create_model reads the tensors
     if not payload.get("model") or "pred.weight" not in payload["state_dict"]:
         raise ValueError(f"weights: {os.fspath(path)} is neither a training checkpoint nor a weights file naming its "
                          f"zoo model (nonlocalnet convert output)")

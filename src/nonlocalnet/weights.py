@@ -347,19 +347,18 @@ def read_peer_checkpoint(path: str | PathLike, peer: str) -> tuple[dict[str, tor
         raise ValueError(f"peer: expected 'mmaction2' or 'slowfast', got {peer!r}")
     path = os.fspath(path)
     data = _torch_load(path, {"mmaction2": "an mmaction2 .pth", "slowfast": "a PySlowFast .pyth"}[peer])
+    wrapper = {"mmaction2": "state_dict", "slowfast": "model_state"}[peer]
     config = ""
     if isinstance(data, dict):
         meta = data["meta"] if isinstance(data.get("meta"), dict) else {}
         texts = [t for t in (meta.get("cfg"), meta.get("config"), data.get("cfg")) if isinstance(t, str)]
         config = texts[0] if texts else ""
-        wrapper = {"mmaction2": "state_dict", "slowfast": "model_state"}[peer]
         if isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not data or not all(isinstance(k, str) and torch.is_tensor(v)
                                                          for k, v in data.items()):
         keys = list(data)[:6] if isinstance(data, dict) else type(data).__name__
-        wrapper = {"mmaction2": "'state_dict'", "slowfast": "'model_state'"}[peer]
-        raise ValueError(f"source: expected a state dict of tensors (or one under {wrapper}) in {path}, got {keys}")
+        raise ValueError(f"source: expected a state dict of tensors (or one under '{wrapper}') in {path}, got {keys}")
     state = {k.removeprefix("module."): v for k, v in data.items()}
     return state, config
 
@@ -398,10 +397,9 @@ def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mo
     if not blocks:
         return options
     has_theta = any(".non_local_block.theta." in k for k in blocks)
-    found = _config_value(config, "non_local_cfg", "mode")
-    mode = mode or found or (None if has_theta else "gaussian")
-    if mode is None:
-        mode = "concatenation" if any(".concat_project." in k for k in blocks) else None
+    from_keys = "gaussian" if not has_theta else "concatenation" if any(".concat_project." in k for k in blocks) \
+        else None
+    mode = mode or _config_value(config, "non_local_cfg", "mode") or from_keys
     if mode is None:
         raise ValueError("mode: the checkpoint's non-local blocks may be 'embedded_gaussian' or 'dot_product' (same "
                          "keys) and it holds no config saying which; pass --mode")
@@ -552,13 +550,14 @@ def save_weights(weights: nn.Module | Mapping[str, torch.Tensor], path: str | Pa
     atomic_save(payload, path)
 
 
-def read_weights(path: str | PathLike) -> dict:
-    """The payload of a weights file (ours, or a bare state dict), read with ``weights_only=True``."""
+def read_weights(path: str | PathLike, *, mmap: bool = False) -> dict:
+    """The payload of a weights file (ours, or a bare state dict), read with ``weights_only=True``;
+    with ``mmap`` the tensors of a zip file are mapped, not read (a look at the rest)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights: expected a weights file (.pt), no file at {path!r}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # a truncated zip, a pickle with code, ...: say which file
         raise ValueError(f"weights: {path} is not a loadable weights file ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
