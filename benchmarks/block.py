@@ -155,8 +155,17 @@ def _markdown(results: list[dict], roof: float) -> str:
             f"| {label} | {r['mode']} | {r['impl']} | {bench.format_seconds(r['forward_s'])} | {f_rate:.0f} | "
             f"{bench.format_bytes(r['forward_bytes'])} | {train} | {bench.format_bytes(r['train_bytes'])} |"
         )
-    lines.append(f"\nMachine matmul roof (2048² {results[0].get('dtype', '')}): {roof:.0f} GFLOP/s.")
+    lines.append(f"\nMachine matmul roof (2048² {results[0].get('dtype', '')}): {_roofs(roof)}.")
     return "\n".join(lines)
+
+
+def _roofs(roof: dict) -> str:
+    text = f"{roof['torch']:.0f} GFLOP/s through torch.mm"
+    return text + (f", {roof['onednn']:.0f} GFLOP/s through oneDNN" if roof.get("onednn") else "")
+
+
+def _roof(device: torch.device, dtype: torch.dtype) -> dict:
+    return {library: bench.matmul_rate(device, dtype, library=library) for library in ("torch", "onednn")}
 
 
 def _speedups(results: list[dict]) -> str:
@@ -206,8 +215,8 @@ def main() -> None:
     device = torch.device(args.device)
     env = bench.environment(device)
     env.update(_peer_versions())
-    roof = bench.matmul_rate(device, getattr(torch, args.dtype))
-    print(json.dumps(env), f"matmul roof {roof:.0f} GFLOP/s", flush=True)
+    roof = _roof(device, getattr(torch, args.dtype))
+    print(json.dumps(env), f"matmul roof: {_roofs(roof)}", flush=True)
     cases = list(_cases(args))
     rounds: dict[tuple, list] = {case: [] for case in cases}
     for round_index in range(args.rounds):
@@ -219,11 +228,11 @@ def main() -> None:
                 print(f"round {round_index + 1}: {case} fwd {result['forward_s']:.4f} s, "
                       f"fwd+bwd {result['train_s'] or float('nan'):.4f} s", flush=True)
     results = [dict(_merge(rs), size=c[0], dims=c[1], mode=c[2], impl=c[3], dtype=args.dtype) for c, rs in rounds.items()]
-    roof_after = bench.matmul_rate(device, getattr(torch, args.dtype))
+    roof_after = _roof(device, getattr(torch, args.dtype))
     with open(args.out, "w") as f:
         json.dump({"env": env, "roof_gflops": [roof, roof_after], "results": results}, f, indent=1)
     print(_markdown(results, roof))
-    print(f"(roof measured again after the run: {roof_after:.0f} GFLOP/s)\n")
+    print(f"(roof measured again after the run: {_roofs(roof_after)})\n")
     print(_speedups(results))
 
 

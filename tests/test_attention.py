@@ -55,6 +55,90 @@ def test_softmax_matches_reference(shape, dtype, tol, impl, chunk):
     )
 
 
+def _channel_first_inputs(shape, dtype, bias, spread=1.0):
+    """Channel-first q (B, C, N), k (B, C, M), v (B, Cv, M) and a key bias (B, M) or None."""
+    b, n, m, c, cv = shape
+    tensors = [torch.randn(b, c, n, dtype=dtype) * spread, torch.randn(b, c, m, dtype=dtype) * spread,
+               torch.randn(b, cv, m, dtype=dtype)]
+    if bias:
+        tensors.append(torch.randn(b, m, dtype=dtype) * spread)
+    return [t.requires_grad_() for t in tensors]
+
+
+def _channel_first(fn, **kwargs):
+    return lambda q, k, v, key_bias=None: fn(q, k, v, key_bias=key_bias, **kwargs)
+
+
+# M < Cv and M > Cv: the backward takes rowsum(dO * O) from the smaller of the weights and the output
+CHANNEL_FIRST_SHAPES = SHAPES + [(2, 45, 6, 9, 13)]
+
+
+@pytest.mark.parametrize("shape", CHANNEL_FIRST_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_channel_first_matches_reference_float64(shape, bias, chunk):
+    scale = shape[3] ** -0.5
+    _compare(_channel_first(A.channel_first_softmax_attention, scale=scale, chunk_size=chunk),
+             _channel_first(A.channel_first_softmax_attention_reference, scale=scale),
+             _channel_first_inputs(shape, torch.float64, bias), 1e-10)
+
+
+@pytest.mark.parametrize("shape", CHANNEL_FIRST_SHAPES)
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_channel_first_float32_through_onednn(onednn, shape, chunk):
+    # float32 products through oneDNN (every size, for the test) against the float64 reference
+    tensors = _channel_first_inputs(shape, torch.float32, bias=True)
+    scale = shape[3] ** -0.5
+    weight = torch.randn(shape[0], shape[4], shape[1], dtype=torch.float64)
+    wide = [t.detach().double().requires_grad_() for t in tensors]
+    expected = A.channel_first_softmax_attention_reference(*wide[:3], key_bias=wide[3], scale=scale)
+    grads_expected = torch.autograd.grad((expected * weight).sum(), wide)
+    with onednn() as calls:
+        out = A.channel_first_softmax_attention(*tensors[:3], key_bias=tensors[3], scale=scale, chunk_size=chunk)
+        grads = torch.autograd.grad((out * weight.float()).sum(), tensors)
+    assert calls.count > 0
+    assert rel_err(out, expected) < 1e-5
+    for g, ge in zip(grads, grads_expected):
+        assert rel_err(g, ge) < 1e-5
+
+
+def test_channel_first_never_materialises_affinity():
+    b, n, m, c = 1, 16384, 1024, 16
+    q, k, v = _channel_first_inputs((b, n, m, c, c), torch.float32, bias=False)
+    with _LargestTensor() as mode:
+        out = A.channel_first_softmax_attention(q, k, v, scale=0.2)
+        out.backward(torch.randn_like(out))
+    chunk = A._channel_first_chunk(n, m)
+    assert chunk < n and mode.largest <= max(chunk * m, b * c * n)
+    assert mode.largest < n * m / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_first_autocast_large_logits_finite(dtype):
+    tensors = _channel_first_inputs((2, 50, 20, 16, 16), torch.float32, bias=True, spread=30.0)
+    with torch.autocast("cpu", dtype=dtype):
+        out = A.channel_first_softmax_attention(*(t.to(dtype) for t in tensors[:3]), key_bias=tensors[3].to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().sum().backward()
+    for t in tensors:
+        assert torch.isfinite(t.grad).all()
+
+
+def test_channel_first_bad_arguments_name_the_argument():
+    q, k, v, bias = _channel_first_inputs((2, 5, 4, 3, 6), torch.float32, bias=True)
+    f = A.channel_first_softmax_attention
+    with pytest.raises(ValueError, match=r"k: expected 3 channels \(as q, dim 1\), got 2"):
+        f(q, k[:, :2], v)
+    with pytest.raises(ValueError, match=r"v: expected 4 positions \(as k, dim 2\), got 3"):
+        f(q, k, v[..., :3])
+    with pytest.raises(ValueError, match=r"key_bias: expected shape \(2, 4\), got \(2, 5\)"):
+        f(q, k, v, key_bias=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="q, k, v: expected 3-D channel-first"):
+        f(q[0], k, v)
+    with pytest.raises(ValueError, match="impl"):
+        f(q, k, v, impl="sdpa")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_dot_product_matches_reference(shape, dtype, tol):

@@ -162,6 +162,50 @@ def test_fast_equals_naive_parameter_gradients(mode, affinity, fold):
     assert torch.allclose(fast.norm.running_mean, naive.norm.running_mean, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("pool", ["before", "after"])
+def test_float32_onednn_block_matches_float64_naive(onednn, mode, fold, pool):
+    # The default CPU path (channel-first convs and attention, products through oneDNN) in float32,
+    # values and every gradient, against the naive block in float64 with the same weights.
+    torch.manual_seed(2)
+    fast = _randomise(NonLocalBlock(12, mode=mode, fold=fold, pool=pool)).train()
+    naive = NonLocalBlock(12, mode=mode, impl="naive", pool=pool).double().train()
+    naive.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x = torch.randn(2, 12, 4, 7, 9, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    weight = torch.randn(2, 12, 4, 7, 9, dtype=torch.float64)
+    with onednn() as calls:
+        out = fast(x)
+        (out * weight.float()).sum().backward()
+    assert calls.count > 0 and fast._channel_first(x, fast._folds(x))
+    expected = naive(x64)
+    (expected * weight).sum().backward()
+    assert rel_err(out, expected) < 1e-5 and rel_err(x.grad, x64.grad) < 1e-5
+    # per parameter against the overall scale: the g bias's gradient is 0 in theory (BN removes
+    # the constant it adds to each channel) and only round-off remains
+    scale = torch.cat([p.grad.reshape(-1) for p in naive.parameters()]).norm()
+    for (name, pf), (_, pn) in zip(fast.named_parameters(), naive.named_parameters()):
+        assert (pf.grad.double() - pn.grad).norm() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_conv1x1_matches_conv1d(onednn, dtype, tol):
+    from nonlocalnet._ops import _conv1x1
+
+    feats = torch.randn(3, 10, 17, dtype=dtype, requires_grad=True)
+    weight = torch.randn(6, 10, dtype=dtype, requires_grad=True)
+    bias = torch.randn(6, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(3, 6, 17, dtype=dtype)
+    out = _conv1x1(feats, weight, bias)
+    grads = torch.autograd.grad((out * upstream).sum(), (feats, weight, bias))
+    expected = F.conv1d(feats.double(), weight.double()[:, :, None], bias.double())
+    grads_expected = torch.autograd.grad((expected * upstream.double()).sum(), (feats, weight, bias))
+    assert rel_err(out, expected) < tol
+    for g, ge in zip(grads, grads_expected):
+        assert rel_err(g, ge) < tol
+
+
 def test_float32_fast_matches_float64_reference():
     block = _randomise(NonLocalBlock(16)).eval()
     x = torch.randn(2, 16, 4, 10, 12)
@@ -317,13 +361,14 @@ def test_time_groups_attend_within_each_group(mode, impl):
         block(x)
 
 
+@pytest.mark.parametrize("edge", [0, 1])  # windows that tile x (no element left out), or an odd edge
 @pytest.mark.parametrize("kernel", [(1, 2, 2), (2, 2), (2,), (2, 3, 2)])
-def test_window_max_matches_max_pool_with_ties(kernel):
+def test_window_max_matches_max_pool_with_ties(kernel, edge):
     from nonlocalnet._ops import _WindowMax
 
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
     # ReLU-like inputs rounded to a coarse grid: most windows hold tied maxima (often zeros).
-    shape = (2, 3) + tuple(2 * k + 1 for k in kernel)
+    shape = (2, 3) + tuple(2 * k + (edge if k > 1 else 0) for k in kernel)
     x = torch.relu(torch.randn(shape, dtype=torch.float64)).mul(2).round().div(2).requires_grad_()
     expected = pool(x, kernel, kernel)
     actual = _WindowMax.apply(x, kernel)
@@ -338,6 +383,9 @@ def test_fold_is_chosen_where_it_saves_work():
     x5 = torch.randn(1, 2048, 4, 7, 7)  # res5: 1x1 convs over N positions dominate
     x3 = torch.randn(1, 512, 4, 28, 28)  # res3: the attention dominates
     assert NonLocalBlock(2048)._folds(x5) and not NonLocalBlock(512)._folds(x3)
+    x4 = torch.randn(2, 1024, 8, 14, 14)  # res4: the fold saves about a quarter of the work
+    assert NonLocalBlock(1024)._folds(x4) and NonLocalBlock(1024, mode="gaussian")._folds(x4)
+    assert not NonLocalBlock(1024)._folds(torch.randn(2, 1024, 16, 14, 14))  # twice the pairs: no
     assert not NonLocalBlock(2048, impl="naive")._folds(x5)
     assert not NonLocalBlock(2048, mode="concatenation", fold=True)._folds(x5)
     assert not NonLocalBlock(512, mode="dot_product", affinity="space", fold=True)._folds(x3)

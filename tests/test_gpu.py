@@ -25,11 +25,12 @@ def _exact_float32_matmuls():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
+@pytest.mark.parametrize("fold", [None, True])  # True: the channel-first kernel serves on CUDA too
 @pytest.mark.parametrize("affinity", ["spacetime", "space", "time"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_block_matches_cpu_float64_reference(mode, affinity):
+def test_cuda_block_matches_cpu_float64_reference(mode, affinity, fold):
     cpu = randomize_(NonLocalBlock(32, mode=mode, affinity=affinity, impl="naive")).double()
-    gpu = NonLocalBlock(32, mode=mode, affinity=affinity).cuda()
+    gpu = NonLocalBlock(32, mode=mode, affinity=affinity, fold=fold).cuda()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(2, 32, 4, 9, 11, dtype=torch.float64, requires_grad=True)
     grad = torch.randn_like(x)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._gemm import mm
 from .attention import attention_weights
 
 class _WindowMax(torch.autograd.Function):
@@ -38,13 +39,16 @@ class _WindowMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, best = ctx.saved_tensors
-        dx = grad.new_zeros(x.shape)
+        lead = x.dim() - len(ctx.kernel)
+        tiled = all(s % k == 0 for s, k in zip(x.shape[lead:], ctx.kernel))
+        # the window views cover every element when the windows tile x: nothing left to zero
+        dx = grad.new_empty(x.shape) if tiled else grad.new_zeros(x.shape)
         free = None  # windows whose maximum has not been claimed by an earlier element
         for view, d_view in zip(_window_views(x, ctx.kernel), _window_views(dx, ctx.kernel)):
             hit = view == best
             if free is not None:
                 hit &= free
-            d_view.copy_(grad * hit)
+            torch.mul(grad, hit, out=d_view)
             free = ~hit if free is None else free & ~hit
         return dx, None
 
@@ -73,6 +77,41 @@ def _sum_of_products(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     for b in range(lhs.shape[0]):
         total.addmm_(lhs[b], rhs[b])
     return total
+
+
+class _Conv1x1(torch.autograd.Function):
+    """1x1 conv of channel-first features (B, C, P) -> (B, C', P), forward and backward through
+    oneDNN on CPU: the forward and the feature gradient are 1x1 convs, the weight gradient
+    sum_b dY_b X_b^T a product per clip (:func:`nonlocalnet._gemm.mm`)."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias):
+        ctx.save_for_backward(feats, weight)
+        ctx.has_bias = bias is not None
+        return F.conv1d(feats, weight[:, :, None], bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        feats, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_feats = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_feats = F.conv1d(grad, weight.t().contiguous()[:, :, None])
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.zeros_like(weight)
+            for b in range(grad.shape[0]):
+                d_weight += mm(grad[b], feats[b].t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = grad.sum((0, 2))
+        return d_feats, d_weight, d_bias
+
+
+def _conv1x1(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 conv (``weight`` (C', C)) of channel-first (B, C, P) features, as (B, C', P)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain ops, PyTorch's own autograd
+        return F.conv1d(feats, weight[:, :, None], bias)
+    return _Conv1x1.apply(feats.contiguous(), weight, bias)
 
 
 class _ToTokens(torch.autograd.Function):

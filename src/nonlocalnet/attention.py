@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._gemm import mm
+
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
 IMPLS = ("auto", "sdpa", "chunked", "naive")
@@ -45,19 +47,19 @@ def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
         raise ValueError(f"impl: expected one of {allowed}, got {impl!r}")
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channel_first: bool = False) -> None:
+    layout = "channel-first tensors (B, C, N), (B, C, M), (B, Cv, M)" if channel_first else (
+        "token tensors (B, N, C), (B, M, C), (B, M, Cv)")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            "q, k, v: expected 3-D token tensors (B, N, C), (B, M, C), (B, M, Cv), "
-            f"got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v: expected 3-D {layout}, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    channels, positions = (1, 2) if channel_first else (2, 1)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(f"q, k, v: batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k: expected {q.shape[2]} channels (as q), got {k.shape[2]}")
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v: expected {k.shape[1]} positions (as k), got {v.shape[1]}")
-    if k.shape[1] == 0:
+    if k.shape[channels] != q.shape[channels]:
+        raise ValueError(f"k: expected {q.shape[channels]} channels (as q, dim {channels}), got {k.shape[channels]}")
+    if v.shape[positions] != k.shape[positions]:
+        raise ValueError(f"v: expected {k.shape[positions]} positions (as k, dim {positions}), got {v.shape[positions]}")
+    if k.shape[positions] == 0:
         raise ValueError("k: expected at least one key position, got 0")
 
 
@@ -247,6 +249,168 @@ def softmax_attention(q, k, v, *, scale: float = 1.0, impl: str = "auto", chunk_
         return out.squeeze(1)
     flash_forward = impl == "auto" and _cpu_flash_ok(q, k, v)
     return _SoftmaxAttention.apply(q, k, v, scale, chunk, flash_forward)
+
+
+def _check_channel_first(q, k, key_bias, v) -> None:
+    _check_qkv(q, k, v, channel_first=True)
+    if key_bias is not None and tuple(key_bias.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_bias: expected shape {(k.shape[0], k.shape[2])}, got {tuple(key_bias.shape)}")
+
+
+def channel_first_softmax_attention_reference(q, k, v, *, key_bias=None, scale: float = 1.0) -> torch.Tensor:
+    """Naive twin of :func:`channel_first_softmax_attention`: materialises the (B, N, M) weights."""
+    _check_channel_first(q, k, key_bias, v)
+    logits = torch.bmm(q.transpose(1, 2), k)  # (B, N, M)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, :]
+    weights = torch.softmax(logits * scale, dim=-1)
+    return torch.bmm(v, weights.transpose(1, 2))  # (B, Cv, N)
+
+
+def _channel_first_chunk(queries: int, keys: int) -> int:
+    """Query columns per chunk of one clip: a (keys, chunk) block of at most about 2**21 elements
+    (at least 128 columns), the columns spread evenly over the chunks."""
+    cols = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, keys))
+    if isinstance(queries, torch.SymInt) or queries <= 0:
+        return cols
+    count = -(-queries // cols)
+    return -(-queries // count)
+
+
+def _dense_chunk(t, s, e):
+    """Columns s:e of a (C, N) matrix, copied when they are not all of it: the products read a
+    dense operand faster than a slice of a wider one, and the backward reads each slice twice."""
+    return t if e - s == t.shape[1] else t[:, s:e].contiguous()
+
+
+def _key_major_weights(keys, queries, bias, lse):
+    """The weights P^T (M, c) of one clip and chunk, from the scaled keys (M, C), the queries
+    (C, c), the scaled key bias (M,) or None and the saved row log-sum-exp (c,)."""
+    logits = mm(keys, queries)  # (M, c)
+    if bias is not None:
+        logits.add_(bias[:, None])
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=0)
+    return logits.sub_(lse).exp_(), lse
+
+
+def _channel_first_forward(q, k, key_bias, v, scale: float, chunk: int):
+    """Output (B, Cv, N) and the log-sum-exp of each query's scaled logits (B, N), one clip and one
+    (M, chunk) block of logits at a time. The logits are kept key-major, P^T = softmax(S)^T of
+    shape (M, c): every product then reads a dense operand as it lies (q and v channel-first, the
+    keys as tokens) and writes the output in its (Cv, c) layout."""
+    out = q.new_empty(q.shape[0], v.shape[1], q.shape[2])
+    lse = q.new_empty(q.shape[0], q.shape[2])
+    keys = k.mul(scale).transpose(1, 2).contiguous()  # (B, M, C) scaled key tokens (a new tensor)
+    bias = None if key_bias is None else key_bias * scale
+    for b in range(q.shape[0]):
+        for s, e in _chunks(q.shape[2], chunk):
+            p_t, lse[b, s:e] = _key_major_weights(keys[b], _dense_chunk(q[b], s, e), None if bias is None else bias[b], None)
+            out[b, :, s:e] = mm(v[b], p_t)  # (Cv, c)
+    return out, lse
+
+
+def _channel_first_backward(q, k, key_bias, v, out, lse, dout, scale: float, chunk: int, needs):
+    """Gradients of :func:`_channel_first_forward`, recomputing each (M, chunk) block of weights.
+
+    With S = scale (q^T k + bias), P = exp(S - lse), O = v P^T, dP = dO^T v: dS = P * (dP - rowsum(dP * P)),
+    dq = scale k dS^T, dk = scale q dS, dbias = scale colsum(dS), dv = dO P. All kept transposed
+    as the forward keeps P (key-major).
+    """
+    # rowsum(dP * P) = rowsum(dO * O) per query: from whichever of the (M, c) weights and the
+    # (Cv, c) output chunk is smaller
+    delta_from_weights = k.shape[2] < v.shape[1]
+    keys = k.mul(scale).transpose(1, 2).contiguous()  # (B, M, C), a new tensor
+    values = v.transpose(1, 2).contiguous()  # (B, M, Cv)
+    bias = None if key_bias is None else key_bias * scale
+    dq = torch.empty_like(q) if needs[0] else None
+    dk_t = k.new_zeros(k.shape[0], k.shape[2], k.shape[1]) if needs[1] else None  # (B, M, C)
+    dbias = torch.zeros_like(key_bias) if key_bias is not None and needs[2] else None
+    dv_t = v.new_zeros(v.shape[0], v.shape[2], v.shape[1]) if needs[3] else None  # (B, M, Cv)
+    for b in range(q.shape[0]):
+        for s, e in _chunks(q.shape[2], chunk):
+            queries, grad = _dense_chunk(q[b], s, e), _dense_chunk(dout[b], s, e)  # (C, c), (Cv, c)
+            p_t, _ = _key_major_weights(keys[b], queries, None if bias is None else bias[b], lse[b, s:e])
+            if dv_t is not None:
+                dv_t[b] += mm(p_t, grad.t())
+            if dq is None and dk_t is None and dbias is None:
+                continue
+            dp_t = mm(values[b], grad)  # (M, c)
+            delta = (dp_t * p_t).sum(0) if delta_from_weights else (grad * out[b, :, s:e]).sum(0)
+            ds_t = dp_t.sub_(delta).mul_(p_t)  # (M, c): dS^T / scale
+            if dq is not None:
+                dq[b, :, s:e] = mm(k[b], ds_t)
+            if dk_t is not None:
+                dk_t[b] += mm(ds_t, queries.t())
+            if dbias is not None:
+                dbias[b] += ds_t.sum(1)
+    grads = [dq, None if dk_t is None else dk_t.transpose(1, 2), dbias,
+             None if dv_t is None else dv_t.transpose(1, 2)]
+    return [None if g is None else g.mul_(scale) if i < 3 else g for i, g in enumerate(grads)]
+
+
+class _ChannelFirstSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, key_bias, v, scale: float, chunk: int):
+        out, lse = _channel_first_forward(q, k, key_bias, v, scale, chunk)
+        ctx.save_for_backward(q, k, key_bias, v, out, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, key_bias, v, out, lse = ctx.saved_tensors
+        grads = _channel_first_backward(
+            q, k, key_bias, v, out, lse, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:4]
+        )
+        return (*grads, None, None)
+
+
+def channel_first_softmax_attention(
+    q, k, v, *, key_bias=None, scale: float = 1.0, impl: str = "auto", chunk_size: int | None = None
+):
+    """Softmax attention on channel-first features, the block's own layout:
+
+        out[:, :, i] = sum_j softmax_j(scale * (q[:, :, i] . k[:, :, j] + key_bias_j)) v[:, :, j]
+
+    q (theta, or the block input x itself when W_theta is folded into the keys, see
+    :meth:`nonlocalnet.NonLocalBlock.transform`), k and v are read in the (B, C, positions) layout
+    the 1x1 convs write, and the output comes in the layout of the conv, norm and residual that
+    follow: no transposed copies of the N query positions. Each clip is done one (M, chunk) block
+    of logits at a time with float32 products through oneDNN on CPU (:mod:`nonlocalnet._gemm`); the
+    backward recomputes the blocks from the saved log-sum-exp. The (B, N, M) weights are never
+    held whole.
+
+    Args:
+        q: queries (B, C, N).
+        k: keys (B, C, M).
+        v: values (B, Cv, M).
+        key_bias: optional (B, M) logit term of each key (b_theta . phi_j when W_theta is folded).
+        scale: multiplier of the logits.
+        impl: ``"auto"`` (or ``"chunked"``) for the chunked kernel, ``"naive"`` for the reference.
+        chunk_size: query positions per chunk (default: about 2**21 logits per chunk).
+
+    Returns:
+        (B, Cv, N) tensor.
+    """
+    _check_impl(impl, ("auto", "chunked", "naive"))
+    _check_channel_first(q, k, key_bias, v)
+    if impl == "naive":
+        return channel_first_softmax_attention_reference(q, k, v, key_bias=key_bias, scale=scale)
+    scale = float(scale)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # One SDPA op, which TorchScript, ONNX, torch.export and torch.compile all take (a loop over
+        # the clips would fix the batch size), and autograd differentiates.
+        mask = None if key_bias is None else (key_bias * scale)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
+                                             v.transpose(1, 2).unsqueeze(1), attn_mask=mask, scale=scale)
+        return out.squeeze(1).transpose(1, 2)
+    dtype = v.dtype
+    acc = _acc_dtype(dtype)
+    args = [None if t is None else t.to(acc) for t in (q, k, key_bias, v)]
+    chunk = chunk_size or _channel_first_chunk(q.shape[2], k.shape[2])
+    return _ChannelFirstSoftmax.apply(*args, scale, chunk).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,11 +127,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return None if peak is None else max(0, peak - base)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's measured square-matmul rate in GFLOP/s, the roof the blocks are judged by."""
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
+                library: str = "torch") -> float | None:
+    """The machine's measured square-matmul rate in GFLOP/s, the roof the blocks are judged by.
+
+    ``library="torch"``: ``torch.mm`` (on CPU the BLAS PyTorch was built with); ``"onednn"``: the
+    oneDNN product our CPU kernels call (:mod:`nonlocalnet._gemm`), None where it does not serve.
+    """
+    from . import _gemm
+
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_time(lambda: a @ b, device, repeats)
+    if library == "onednn" and not _gemm.uses_onednn(a, b):
+        return None
+    product = _gemm.mm if library == "onednn" else torch.mm
+    seconds = median_time(lambda: product(a, b), device, repeats)
     return 2 * n**3 / seconds / 1e9
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ._ops import _Groups, _WindowMax, _from_tokens, _groups_kind, _plain_batch_norm, _tokens
-from .attention import IMPLS, MODES, nonlocal_attention
+from ._ops import _conv1x1, _Groups, _WindowMax, _from_tokens, _groups_kind, _plain_batch_norm, _tokens
+from .attention import IMPLS, MODES, channel_first_softmax_attention, nonlocal_attention
 
 AFFINITIES = ("spacetime", "space", "time")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -66,7 +66,7 @@ class NonLocalBlock(nn.Module):
             attention (exact rewrites, see :meth:`transform`): for the softmax modes W_theta into
             the keys and W_z into the values; for the dot product (spacetime affinity) one C x C
             map per clip. ``None`` (default) folds where the counted work drops enough (softmax:
-            res5; dot product: res2/res3 sizes); ``True`` / ``False`` force it. Ignored by the
+            res4 and res5 sizes; dot product: res2/res3 sizes); ``True`` / ``False`` force it. Ignored by the
             concatenation and by a space/time dot product.
         pool: where the key/value max-pool sits: ``"before"`` the phi and g convs, on x (the
             official release, PySlowFast, pytorchvideo; the cheaper form), or ``"after"`` them,
@@ -191,10 +191,11 @@ class NonLocalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.transform(x)
         if type(self.norm) in _BN.values():
-            y = _plain_batch_norm(self.norm, y.flatten(2)).view(x.shape)
-        elif self.norm is not None:
-            return x + self.norm(y)  # another norm's output might alias its input
-        return y.add_(x)  # y is a fresh tensor no backward needs: add in place, no new (B, C, N)
+            # the norm's output is a fresh tensor no backward needs: add in place, no new (B, C, N)
+            return _plain_batch_norm(self.norm, y.flatten(2)).view(x.shape).add_(x)
+        # not in place: another norm's output might alias its input, and the folded attention's
+        # backward reads its output y
+        return x + (y if self.norm is None else self.norm(y))
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """W_z y, the block's residual branch before the norm: same shape as x.
@@ -213,7 +214,10 @@ class NonLocalBlock(nn.Module):
             clips = x.view(b, c, groups, t // groups, h, w).transpose(1, 2).reshape(b * groups, c, t // groups, h, w)
             y = self.transform(clips)  # (B * groups, C, group_size, H, W)
             return y.view(b, groups, c, t // groups, h, w).transpose(1, 2).reshape(x.shape)
-        if self._folds(x):
+        folds = self._folds(x)
+        if self._channel_first(x, folds):
+            return self._channel_first_transform(x, folds)
+        if folds:
             if self.mode == "dot_product":
                 return self._folded_dot_product(x)
             return self._folded_transform(x)
@@ -252,12 +256,16 @@ class NonLocalBlock(nn.Module):
             return c * inner * (inner + c) + n * c * c < 0.9 * n * inner * (2 * c + inner)
         if self.mode == "gaussian":  # queries and keys are x itself either way
             plain = pairs * (c + inner) + n * inner * c
-            folded = m * (inner + 1) * c + 2 * pairs * c
+            folded = m * inner * c + 2 * pairs * c
         else:
             plain = n * c * inner + 2 * pairs * inner + n * inner * c
-            folded = m * inner * (c + 1) + m * (inner + 1) * c + 2 * pairs * (c + 1)
-        # The folded form moves work into the attention and adds layout copies of (B, N, C): on a
-        # 2-core CPU it broke even at res4 (ratio 0.73) and was 1.7x faster at res5 (ratio 0.25).
+            folded = 2 * m * inner * c + 2 * pairs * c
+        if _groups_kind(self.affinity, self.dims) == "spacetime":
+            # The channel-first kernel folds at no extra cost: on a 2-core CPU the folded form was
+            # 1.15x faster at res4 (ratio 0.73), even at ratio 0.89, 0.9x as fast at ratio 1.0.
+            return folded < 0.85 * plain
+        # Grouped affinities fold in token layouts, with a column of ones and copies of (B, N, C):
+        # there the fold broke even at ratio 0.73 and was 1.7x faster at ratio 0.25.
         return folded < 0.6 * plain
 
     def _folded_dot_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,12 +289,57 @@ class NonLocalBlock(nn.Module):
             return math.prod(keys[1:])
         return keys[0] if kind == "time" else math.prod(keys)
 
+    def _channel_first(self, x: torch.Tensor, folds: bool) -> bool:
+        """Whether :meth:`_channel_first_transform` serves: softmax modes over all positions (one
+        group per clip), on CPU, and folded anywhere (PyTorch's fused SDPA serves the plain form
+        on accelerators)."""
+        return (
+            self.mode in ("gaussian", "embedded_gaussian")
+            and _groups_kind(self.affinity, self.dims) == "spacetime"
+            and self.impl in ("auto", "chunked")
+            and (folds or x.device.type == "cpu")
+        )
+
+    def _channel_first_transform(self, x: torch.Tensor, folds: bool) -> torch.Tensor:
+        """:meth:`transform` of the softmax modes with every tensor channel-first, (B, C, positions):
+        1x1 convs and :func:`~nonlocalnet.attention.channel_first_softmax_attention`, no token copies.
+        Folded (``folds``), the queries are x itself, the keys W_theta^T phi with the per-key logit
+        term b_theta . phi_j, and the values W_z g + b_z."""
+        x_flat = x.flatten(2)  # (B, C, N)
+        after = self.pool == "after" and self.pool_kernel is not None
+        key_flat = None if after and self.mode != "gaussian" else self._keys_source(x).flatten(2)  # (B, C, M)
+
+        def keys(conv: nn.Module) -> torch.Tensor:  # (B, C', M): conv of the pooled x, or pooled conv of x
+            weight = conv.weight.flatten(1)
+            if after:
+                return self._keys_source(_conv1x1(x_flat, weight, conv.bias).view(-1, weight.shape[0], *x.shape[2:])).flatten(2)
+            return _conv1x1(key_flat, weight, conv.bias)
+
+        g, w_out = keys(self.g), self.out.weight.flatten(1)  # (B, C', M), (C, C')
+        key_bias = None
+        if self.mode == "gaussian":
+            q, k = x_flat, key_flat
+        elif folds:
+            phi = keys(self.phi)
+            q, k = x_flat, _conv1x1(phi, self.theta.weight.flatten(1).t(), None)  # (B, C, M)
+            key_bias = torch.matmul(self.theta.bias, phi)  # (B, M)
+        else:
+            q, k = _conv1x1(x_flat, self.theta.weight.flatten(1), self.theta.bias), keys(self.phi)
+        if folds:
+            v = _conv1x1(g, w_out, self.out.bias)  # (B, C, M)
+            return channel_first_softmax_attention(q, k, v, key_bias=key_bias, scale=self.scale, impl=self.impl).view(x.shape)
+        y = channel_first_softmax_attention(q, k, g, scale=self.scale, impl=self.impl)  # (B, C', N)
+        return _conv1x1(y, w_out, self.out.bias).view(x.shape)
+
     def _folded_transform(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`transform` with W_theta folded into the keys and W_z, b_z into the values."""
+        """:meth:`transform` with W_theta folded into the keys and W_z, b_z into the values, for the
+        grouped affinities (and ``impl="sdpa"``); :meth:`_channel_first_transform` serves the others."""
         key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
-        x_tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), a view
         w_out = self.out.weight.flatten(1)  # (C, C')
+        groups = self._groups(x)
+        # token layouts, with the theta bias as a column of ones
         v = torch.baddbmm(self.out.bias, _tokens(self.g, key_flat), w_out.t().expand(x.shape[0], -1, -1))  # (B, M, C)
+        x_tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), a view
         if self.mode == "gaussian":
             q, k = x_tokens.contiguous(), key_flat.transpose(1, 2).contiguous()  # (B, N, C), (B, M, C)
         else:
@@ -294,7 +347,6 @@ class NonLocalBlock(nn.Module):
             w_key = torch.cat([self.theta.weight.flatten(1), self.theta.bias[:, None]], 1)  # (C', C + 1)
             k = _tokens(self.phi, key_flat) @ w_key  # (B, M, C + 1)
             v = F.pad(v, (0, 1))  # (B, M, C + 1): equal widths let the fused kernels serve
-        groups = self._groups(x)
         y = nonlocal_attention(
             groups.group(q), groups.group_keys(k), groups.group_keys(v), mode=self.mode, scale=self.scale, impl=self.impl
         )

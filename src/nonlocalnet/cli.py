@@ -25,9 +25,10 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     shape = bench.parse_shape(args.shape)
     env = bench.environment(device)
-    roof = bench.matmul_rate(device, dtype)
+    roof = {library: bench.matmul_rate(device, dtype, library=library) for library in ("torch", "onednn")}
     print(f"nonlocalnet {__version__}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print(f"input {tuple(shape)} {args.dtype} on {device}; matmul roof {roof:.0f} GFLOP/s (2048^2)")
+    rates = ", ".join(f"{rate:.0f} GFLOP/s ({library})" for library, rate in roof.items() if rate)
+    print(f"input {tuple(shape)} {args.dtype} on {device}; matmul roof (2048^2): {rates}")
     reports = bench.compare_block_impls(
         shape, args.modes, args.impls, repeats=args.repeats, device=device, dtype=dtype,
         backward=not args.forward_only, seed=args.seed,

@@ -1,7 +1,8 @@
 """FLOP counting that includes the attention kernels PyTorch's own counter misses.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts convolutions and matmuls, and the CUDA
-flash / memory-efficient attention ops, but neither the CPU flash kernel
+flash / memory-efficient attention ops, but neither oneDNN's ``mkldnn._linear_pointwise``, which
+our CPU kernels multiply with (:mod:`nonlocalnet._gemm`), nor the CPU flash kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which is what
 :func:`nonlocalnet.attention.fused_sdpa` runs on CPU, nor the in-place ``addmm_`` / ``baddbmm_``
 our backward kernels accumulate with. We register those with PyTorch's own formulas: for
@@ -32,6 +33,14 @@ def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kw
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """``mkldnn._linear_pointwise`` (x @ w^T), which :func:`nonlocalnet._gemm.mm` calls."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * x_shape[-1] * w_shape[0]
+
+
 def _as_registered(op) -> Callable:
     """PyTorch's formula for ``op``, marked as already taking raw arguments (not shapes)."""
     registered = flop_registry[op]
@@ -52,6 +61,8 @@ def _extra_formulas() -> dict:
         formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        formulas[torch.ops.mkldnn._linear_pointwise] = _onednn_linear
     return formulas
 
 
