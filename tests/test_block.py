@@ -162,15 +162,12 @@ def test_fast_equals_naive_parameter_gradients(mode, affinity, fold):
     assert torch.allclose(fast.norm.running_mean, naive.norm.running_mean, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
-@pytest.mark.parametrize("fold", [False, True])
-@pytest.mark.parametrize("pool", ["before", "after"])
-def test_float32_onednn_block_matches_float64_naive(onednn, mode, fold, pool):
-    # The default CPU path (channel-first convs and attention, products through oneDNN) in float32,
-    # values and every gradient, against the naive block in float64 with the same weights.
-    torch.manual_seed(2)
-    fast = _randomise(NonLocalBlock(12, mode=mode, fold=fold, pool=pool)).train()
-    naive = NonLocalBlock(12, mode=mode, impl="naive", pool=pool).double().train()
+def _float32_onednn_against_float64_naive(onednn, **options):
+    """A block in float32 with every product through oneDNN and the same block in float64, naive:
+    both run forward and backward on the same random input and upstream gradient. Returns
+    (fast, naive, channel-first path taken); the outputs and input gradients agree to 1e-5."""
+    fast = _randomise(NonLocalBlock(12, **options)).train()
+    naive = NonLocalBlock(12, **dict(options, fold=None), impl="naive").double().train()
     naive.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
     x = torch.randn(2, 12, 4, 7, 9, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
@@ -178,15 +175,36 @@ def test_float32_onednn_block_matches_float64_naive(onednn, mode, fold, pool):
     with onednn() as calls:
         out = fast(x)
         (out * weight.float()).sum().backward()
-    assert calls.count > 0 and fast._channel_first(x, fast._folds(x))
+    assert calls.count > 0
     expected = naive(x64)
     (expected * weight).sum().backward()
     assert rel_err(out, expected) < 1e-5 and rel_err(x.grad, x64.grad) < 1e-5
+    return fast, naive, fast._channel_first(x, fast._folds(x))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product"])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("pool", ["before", "after"])
+def test_float32_onednn_block_matches_float64_naive(onednn, mode, fold, pool):
+    # The default CPU path (channel-first convs and attention, products through oneDNN) in float32,
+    # values and every gradient, against the naive block in float64 with the same weights.
+    torch.manual_seed(2)
+    fast, naive, channel_first = _float32_onednn_against_float64_naive(onednn, mode=mode, fold=fold, pool=pool)
+    assert channel_first
     # per parameter against the overall scale: the g bias's gradient is 0 in theory (BN removes
     # the constant it adds to each channel) and only round-off remains
     scale = torch.cat([p.grad.reshape(-1) for p in naive.parameters()]).norm()
     for (name, pf), (_, pn) in zip(fast.named_parameters(), naive.named_parameters()):
         assert (pf.grad.double() - pn.grad).norm() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("mode,affinity", [("concatenation", "spacetime"), ("embedded_gaussian", "space"),
+                                           ("dot_product", "time")])
+def test_float32_onednn_token_paths_match_float64_naive(onednn, mode, affinity):
+    # the token-layout convs (concatenation, space/time affinities) through oneDNN as well
+    torch.manual_seed(3)
+    _, _, channel_first = _float32_onednn_against_float64_naive(onednn, mode=mode, affinity=affinity)
+    assert not channel_first
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

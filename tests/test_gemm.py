@@ -1,5 +1,5 @@
 """oneDNN float32 products (nonlocalnet._gemm) against torch.mm in float64: every operand layout,
-the bias, the autograd wrapper, and the fallbacks."""
+the bias, the batched product with autograd, and the fallbacks."""
 
 import os
 import subprocess
@@ -60,22 +60,23 @@ def test_fallbacks_are_torch_mm():
         assert _gemm.uses_onednn(big, torch.randn(128, 16))
 
 
-@pytest.mark.parametrize("lead", [(N,), (3, 11)])
-def test_matmul_values_and_gradients(onednn, lead):
-    a = torch.randn(*lead, K, requires_grad=True)
-    b = torch.randn(K, M, requires_grad=True)
+def test_bmm_values_and_gradients(onednn):
+    a = torch.randn(3, N, K).transpose(1, 2).requires_grad_()  # (3, K, N), a transposed view
+    b = torch.randn(3, N, M, requires_grad=True)
     a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
-    weight = torch.randn(*lead, M)
+    weight = torch.randn(3, K, M)
     with onednn() as calls:
-        out = _gemm.matmul(a, b)
+        out = _gemm.bmm(a, b)
         (out * weight).sum().backward()
-    assert calls.count == 3  # forward, and both gradients
+    assert calls.count == 9  # forward, and both gradients, per batch entry
     expected = a64 @ b64
     (expected * weight.double()).sum().backward()
     assert rel_err(out, expected) < 1e-6
     assert rel_err(a.grad, a64.grad) < 1e-6 and rel_err(b.grad, b64.grad) < 1e-6
-    with pytest.raises(ValueError, match=r"a, b: expected \(\.\.\., k\) and \(k, m\)"):
-        _gemm.matmul(a, b[None])
+    with pytest.raises(ValueError, match=r"a, b: expected \(B, n, k\) and \(B, k, m\)"):
+        _gemm.bmm(a, b[:2])
+    small = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert torch.equal(_gemm.bmm(small, small.transpose(1, 2)), torch.bmm(small, small.transpose(1, 2)))
 
 
 def test_environment_variable_turns_onednn_off():

@@ -10,7 +10,7 @@ its per-call cost and falls back to ``torch.mm`` otherwise (other dtypes and dev
 torch.compile, a PyTorch without oneDNN, or ``NONLOCALNET_ONEDNN=0`` in the environment).
 
 :func:`mm` has no autograd formula of its own: it is called inside the autograd Functions of the
-block's kernels (forward and backward), or through :func:`matmul`, which has one.
+block's kernels (forward and backward), or through :func:`bmm`, which has one.
 """
 
 from __future__ import annotations
@@ -80,27 +80,36 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> to
     return _onednn_linear()(a, weight, bias, "none", [], "")
 
 
-class _MatMul(torch.autograd.Function):
+def batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` without autograd, one :func:`mm` per batch entry (either operand may
+    be broadcast along the batch with ``expand``)."""
+    if a.shape[0] == 0 or not uses_onednn(a[0], b[0]):
+        return torch.bmm(a, b)
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    for i in range(a.shape[0]):
+        out[i] = mm(a[i], b[i])
+    return out
+
+
+class _BatchedMatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        return mm(a, b)
+        return batched_mm(a, b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        da = mm(grad, b.t()) if ctx.needs_input_grad[0] else None
-        db = mm(a.t(), grad) if ctx.needs_input_grad[1] else None
+        da = batched_mm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        db = batched_mm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
         return da, db
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with autograd for ``a`` (..., k) and a 2-D ``b`` (k, m), through :func:`mm`."""
-    if a.dim() < 2 or b.dim() != 2:
-        raise ValueError(f"a, b: expected (..., k) and (k, m), got shapes {tuple(a.shape)}, {tuple(b.shape)}")
-    if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function
-        return a @ b
-    lead = a.shape[:-1]
-    out = _MatMul.apply(a.reshape(-1, a.shape[-1]), b)
-    return out.view(*lead, b.shape[1])
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` with autograd, one :func:`mm` per batch entry."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"a, b: expected (B, n, k) and (B, k, m), got shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or a.shape[0] == 0 or not uses_onednn(a[0], b[0]):
+        return torch.bmm(a, b)  # one op, any batch size (a loop would fix it under tracing)
+    return _BatchedMatMul.apply(a, b)

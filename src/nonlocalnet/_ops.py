@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._gemm import mm
+from ._gemm import batched_mm, mm
 from .attention import attention_weights
 
 class _WindowMax(torch.autograd.Function):
@@ -75,7 +75,7 @@ def _sum_of_products(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """sum_b lhs[b] @ rhs[b] accumulated in place, without a (B, M, K) intermediate."""
     total = lhs.new_zeros(lhs.shape[1], rhs.shape[2])
     for b in range(lhs.shape[0]):
-        total.addmm_(lhs[b], rhs[b])
+        total += mm(lhs[b], rhs[b])
     return total
 
 
@@ -126,7 +126,7 @@ class _ToTokens(torch.autograd.Function):
         ctx.save_for_backward(feats, weight)
         ctx.has_bias = bias is not None
         batch, channels, _ = feats.shape
-        tokens = torch.bmm(feats.transpose(1, 2), weight.t().expand(batch, channels, -1))  # (B, P, C')
+        tokens = batched_mm(feats.transpose(1, 2), weight.t().expand(batch, channels, -1))  # (B, P, C')
         return tokens.add_(bias) if bias is not None else tokens
 
     @staticmethod
@@ -136,7 +136,7 @@ class _ToTokens(torch.autograd.Function):
         batch = feats.shape[0]
         d_feats = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
-            d_feats = torch.bmm(weight.t().expand(batch, -1, -1), grad.transpose(1, 2))  # (B, C, P)
+            d_feats = batched_mm(weight.t().expand(batch, -1, -1), grad.transpose(1, 2))  # (B, C, P)
         if ctx.needs_input_grad[1]:
             d_weight = _sum_of_products(grad.transpose(1, 2), feats.transpose(1, 2))  # (C', C)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -152,7 +152,7 @@ class _FromTokens(torch.autograd.Function):
     def forward(ctx, tokens, weight, bias):
         ctx.save_for_backward(tokens, weight)
         ctx.has_bias = bias is not None
-        feats = torch.bmm(weight.expand(tokens.shape[0], -1, -1), tokens.transpose(1, 2))  # (B, C, P)
+        feats = batched_mm(weight.expand(tokens.shape[0], -1, -1), tokens.transpose(1, 2))  # (B, C, P)
         return feats.add_(bias[:, None]) if bias is not None else feats
 
     @staticmethod
@@ -162,7 +162,7 @@ class _FromTokens(torch.autograd.Function):
         batch = tokens.shape[0]
         d_tokens = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
-            d_tokens = torch.bmm(grad.transpose(1, 2), weight.expand(batch, -1, -1))  # (B, P, C')
+            d_tokens = batched_mm(grad.transpose(1, 2), weight.expand(batch, -1, -1))  # (B, P, C')
         if ctx.needs_input_grad[1]:
             d_weight = _sum_of_products(grad, tokens)  # (C, C')
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ._gemm import bmm
 from ._ops import _conv1x1, _Groups, _WindowMax, _from_tokens, _groups_kind, _plain_batch_norm, _tokens
 from .attention import IMPLS, MODES, channel_first_softmax_attention, nonlocal_attention
 
@@ -205,7 +206,7 @@ class NonLocalBlock(nn.Module):
         theta_i . phi_j = [x_i, 1] . [W_theta^T phi_j, b_theta . phi_j] (queries are x itself), and
         W_z sum_j a_ij g_j + b_z = sum_j a_ij (W_z g_j + b_z), as the weights a_ij sum to 1.
         For the dot product the whole branch is linear in x_i for a given clip, see
-        :meth:`_folded_dot_product`.
+        :meth:`_dot_product_transform`.
         """
         self._check_input(x)
         groups = self._time_groups(x)
@@ -216,10 +217,10 @@ class NonLocalBlock(nn.Module):
             return y.view(b, groups, c, t // groups, h, w).transpose(1, 2).reshape(x.shape)
         folds = self._folds(x)
         if self._channel_first(x, folds):
+            if self.mode == "dot_product":
+                return self._dot_product_transform(x, folds)
             return self._channel_first_transform(x, folds)
         if folds:
-            if self.mode == "dot_product":
-                return self._folded_dot_product(x)
             return self._folded_transform(x)
         q, k, v, groups = self._qkv(x)
         concat_weight = self.concat.weight if self.mode == "concatenation" else None
@@ -268,19 +269,23 @@ class NonLocalBlock(nn.Module):
         # there the fold broke even at ratio 0.73 and was 1.7x faster at ratio 0.25.
         return folded < 0.6 * plain
 
-    def _folded_dot_product(self, x: torch.Tensor) -> torch.Tensor:
-        """W_z y + b_z of the dot product (spacetime affinity) as one C x C map per clip.
+    def _dot_product_transform(self, x: torch.Tensor, folds: bool) -> torch.Tensor:
+        """:meth:`transform` of the dot product (spacetime affinity), channel-first.
 
-        y_i = A^T theta_i with A = phi^T g / M, so W_z y_i + b_z = (W_z A^T W_theta) x_i
-        + (W_z A^T b_theta + b_z): the theta conv and W_z over all N positions become one GEMM.
+        y_i = A^T theta_i with A = sum_j phi_j g_j^T / M, one C' x C' map per clip. Folded, the
+        branch is W_z y_i + b_z = (W_z A^T W_theta) x_i + (W_z A^T b_theta + b_z): the theta conv
+        and W_z over all N positions become one C x C product per clip.
         """
-        key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
-        phi, g = _tokens(self.phi, key_flat), _tokens(self.g, key_flat)  # (B, M, C')
-        a = torch.bmm(phi.transpose(1, 2), g) / phi.shape[1]  # (B, C', C')
+        x_flat = x.flatten(2)  # (B, C, N)
+        phi, g = self._key_maps(x, self.phi, self.g)  # (B, C', M)
+        a = bmm(phi, g.transpose(1, 2)) / phi.shape[2]  # (B, C', C')
+        if not folds:
+            theta = _conv1x1(x_flat, self.theta.weight.flatten(1), self.theta.bias)  # (B, C', N)
+            return _conv1x1(bmm(a.transpose(1, 2), theta), self.out.weight.flatten(1), self.out.bias).view(x.shape)
         z_a = torch.matmul(self.out.weight.flatten(1), a.transpose(1, 2))  # (B, C, C') = W_z A^T
         weight = torch.matmul(z_a, self.theta.weight.flatten(1))  # (B, C, C)
         bias = torch.matmul(z_a, self.theta.bias) + self.out.bias  # (B, C)
-        return torch.baddbmm(bias[:, :, None], weight, x.flatten(2)).view(x.shape)  # (B, C, N)
+        return bmm(weight, x_flat).add_(bias[:, :, None]).view(x.shape)  # (B, C, N)
 
     def _keys_per_query(self, shape: Sequence[int]) -> int:
         keys = self.key_shape(shape)
@@ -290,41 +295,44 @@ class NonLocalBlock(nn.Module):
         return keys[0] if kind == "time" else math.prod(keys)
 
     def _channel_first(self, x: torch.Tensor, folds: bool) -> bool:
-        """Whether :meth:`_channel_first_transform` serves: softmax modes over all positions (one
-        group per clip), on CPU, and folded anywhere (PyTorch's fused SDPA serves the plain form
-        on accelerators)."""
-        return (
-            self.mode in ("gaussian", "embedded_gaussian")
-            and _groups_kind(self.affinity, self.dims) == "spacetime"
-            and self.impl in ("auto", "chunked")
-            and (folds or x.device.type == "cpu")
-        )
+        """Whether the channel-first forms serve (every tensor (B, C, positions), 1x1 convs and
+        products through oneDNN on CPU): the softmax modes and the dot product over all positions
+        (one group per clip); the softmax modes on CPU or folded (PyTorch's fused SDPA serves the
+        plain form on accelerators)."""
+        if _groups_kind(self.affinity, self.dims) != "spacetime" or self.impl == "naive":
+            return False
+        if self.mode == "dot_product":
+            return True
+        return self.mode in ("gaussian", "embedded_gaussian") and self.impl in ("auto", "chunked") and (
+            folds or x.device.type == "cpu")
+
+    def _key_maps(self, x: torch.Tensor, *convs: nn.Module) -> list[torch.Tensor]:
+        """(B, C', M) of each 1x1 conv on the key side: the conv of the pooled x, or the pooled
+        conv of x when the pool comes after the convs."""
+        if self.pool == "after" and self.pool_kernel is not None:
+            maps = [_conv1x1(x.flatten(2), conv.weight.flatten(1), conv.bias).view(x.shape[0], -1, *x.shape[2:])
+                    for conv in convs]
+            return [self._keys_source(m).flatten(2) for m in maps]
+        key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
+        return [_conv1x1(key_flat, conv.weight.flatten(1), conv.bias) for conv in convs]
 
     def _channel_first_transform(self, x: torch.Tensor, folds: bool) -> torch.Tensor:
-        """:meth:`transform` of the softmax modes with every tensor channel-first, (B, C, positions):
-        1x1 convs and :func:`~nonlocalnet.attention.channel_first_softmax_attention`, no token copies.
+        """:meth:`transform` of the softmax modes, channel-first: 1x1 convs and
+        :func:`~nonlocalnet.attention.channel_first_softmax_attention`, no token copies.
         Folded (``folds``), the queries are x itself, the keys W_theta^T phi with the per-key logit
         term b_theta . phi_j, and the values W_z g + b_z."""
         x_flat = x.flatten(2)  # (B, C, N)
-        after = self.pool == "after" and self.pool_kernel is not None
-        key_flat = None if after and self.mode != "gaussian" else self._keys_source(x).flatten(2)  # (B, C, M)
-
-        def keys(conv: nn.Module) -> torch.Tensor:  # (B, C', M): conv of the pooled x, or pooled conv of x
-            weight = conv.weight.flatten(1)
-            if after:
-                return self._keys_source(_conv1x1(x_flat, weight, conv.bias).view(-1, weight.shape[0], *x.shape[2:])).flatten(2)
-            return _conv1x1(key_flat, weight, conv.bias)
-
-        g, w_out = keys(self.g), self.out.weight.flatten(1)  # (B, C', M), (C, C')
-        key_bias = None
+        key_bias, w_out = None, self.out.weight.flatten(1)  # (C, C')
         if self.mode == "gaussian":
-            q, k = x_flat, key_flat
-        elif folds:
-            phi = keys(self.phi)
-            q, k = x_flat, _conv1x1(phi, self.theta.weight.flatten(1).t(), None)  # (B, C, M)
-            key_bias = torch.matmul(self.theta.bias, phi)  # (B, M)
+            (g,) = self._key_maps(x, self.g)
+            q, k = x_flat, self._keys_source(x).flatten(2)  # x and the pooled x
         else:
-            q, k = _conv1x1(x_flat, self.theta.weight.flatten(1), self.theta.bias), keys(self.phi)
+            phi, g = self._key_maps(x, self.phi, self.g)  # (B, C', M)
+            if folds:
+                q, k = x_flat, _conv1x1(phi, self.theta.weight.flatten(1).t(), None)  # (B, C, M)
+                key_bias = torch.matmul(self.theta.bias, phi)  # (B, M)
+            else:
+                q, k = _conv1x1(x_flat, self.theta.weight.flatten(1), self.theta.bias), phi
         if folds:
             v = _conv1x1(g, w_out, self.out.bias)  # (B, C, M)
             return channel_first_softmax_attention(q, k, v, key_bias=key_bias, scale=self.scale, impl=self.impl).view(x.shape)
