@@ -192,8 +192,10 @@ class NonLocalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.transform(x)
         if type(self.norm) in _BN.values():
-            # the norm's output is a fresh tensor no backward needs: add in place, no new (B, C, N)
-            return _plain_batch_norm(self.norm, y.flatten(2)).view(x.shape).add_(x)
+            # the norm's output is a fresh tensor no backward needs: add in place, no new (B, C, N),
+            # and on the tensor itself: an in-place op on a view costs autograd a zero-filled copy
+            # of the base and two more copies in the backward (CopySlices)
+            return _plain_batch_norm(self.norm, y.flatten(2)).add_(x.flatten(2)).view(x.shape)
         # not in place: another norm's output might alias its input, and the folded attention's
         # backward reads its output y
         return x + (y if self.norm is None else self.norm(y))
