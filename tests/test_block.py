@@ -8,8 +8,16 @@ import torch.nn.functional as F
 
 from conftest import rel_err
 from nonlocalnet import NonLocalBlock
+from nonlocalnet import block as block_module
 
 SHAPES = {1: (2, 6, 11), 2: (2, 6, 7, 9), 3: (2, 6, 3, 7, 9)}  # odd sizes: pooling drops an edge
+
+
+@pytest.fixture(autouse=True)
+def _channel_first_at_every_size(monkeypatch):
+    """The channel-first kernels serve clips of any size here (by default only clips of 2**17
+    query-key pairs and more, which these tests' inputs are not); see test_small_clips_*."""
+    monkeypatch.setattr(block_module, "_CHANNEL_FIRST_MIN_PAIRS", 0)
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 KERNEL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
@@ -207,14 +215,15 @@ def test_float32_onednn_token_paths_match_float64_naive(onednn, mode, affinity):
     assert not channel_first
 
 
+@pytest.mark.parametrize("positions", [17, 300])  # one batched convolution, or a product per clip
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_conv1x1_matches_conv1d(onednn, dtype, tol):
+def test_conv1x1_matches_conv1d(onednn, dtype, tol, positions):
     from nonlocalnet._ops import _conv1x1
 
-    feats = torch.randn(3, 10, 17, dtype=dtype, requires_grad=True)
+    feats = torch.randn(3, 10, positions, dtype=dtype, requires_grad=True)
     weight = torch.randn(6, 10, dtype=dtype, requires_grad=True)
     bias = torch.randn(6, dtype=dtype, requires_grad=True)
-    upstream = torch.randn(3, 6, 17, dtype=dtype)
+    upstream = torch.randn(3, 6, positions, dtype=dtype)
     out = _conv1x1(feats, weight, bias)
     grads = torch.autograd.grad((out * upstream).sum(), (feats, weight, bias))
     expected = F.conv1d(feats.double(), weight.double()[:, :, None], bias.double())
@@ -222,6 +231,18 @@ def test_conv1x1_matches_conv1d(onednn, dtype, tol):
     assert rel_err(out, expected) < tol
     for g, ge in zip(grads, grads_expected):
         assert rel_err(g, ge) < tol
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_small_clips_take_the_token_path_and_agree(monkeypatch, mode):
+    monkeypatch.setattr(block_module, "_CHANNEL_FIRST_MIN_PAIRS", 1 << 17)
+    fast = _randomise(NonLocalBlock(8, mode=mode, fold=False)).double().train()
+    naive = NonLocalBlock(8, mode=mode, impl="naive").double().train()
+    naive.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 8, 4, 6, 10, dtype=torch.float64, requires_grad=True)
+    assert not fast._channel_first(x, False)  # 240 x 60 pairs per clip
+    assert fast._channel_first(torch.randn(1, 8, 8, 32, 32), False)  # 8192 x 2048
+    _assert_values_and_input_grads_match(fast(x), naive(x), x)
 
 
 def test_float32_fast_matches_float64_reference():

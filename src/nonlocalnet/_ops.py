@@ -79,16 +79,29 @@ def _sum_of_products(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _apply_1x1(weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """weight (C', C) applied to (B, C, P) features. One product per clip where the clips are
+    long: on a 2-core AMD EPYC (Zen 5) those ran at 360-410 GFLOP/s through oneDNN's product
+    where its 1x1 convolution ran at 110-370; short clips (res5: 72 key positions) stay one
+    batched convolution."""
+    if feats.shape[2] >= _PER_CLIP_MIN_POSITIONS:
+        return batched_mm(weight.expand(feats.shape[0], -1, -1), feats)
+    return F.conv1d(feats, weight[:, :, None])
+
+
+# Positions per clip from which a 1x1 conv is done as one product per clip (see _apply_1x1).
+_PER_CLIP_MIN_POSITIONS = 256
+
+
 class _Conv1x1(torch.autograd.Function):
-    """1x1 conv of channel-first features (B, C, P) -> (B, C', P) as one product per clip, forward
-    and backward (:func:`nonlocalnet._gemm.batched_mm`): on a 2-core AMD EPYC (Zen 5) these ran at
-    360-410 GFLOP/s through oneDNN's product where its 1x1 convolution ran at 110-370."""
+    """1x1 conv of channel-first features (B, C, P) -> (B, C', P), forward and feature gradient by
+    :func:`_apply_1x1`, weight gradient sum_b dY_b X_b^T one oneDNN product per clip."""
 
     @staticmethod
     def forward(ctx, feats, weight, bias):
         ctx.save_for_backward(feats, weight)
         ctx.has_bias = bias is not None
-        out = batched_mm(weight.expand(feats.shape[0], -1, -1), feats)
+        out = _apply_1x1(weight, feats)
         return out.add_(bias[:, None]) if bias is not None else out
 
     @staticmethod
@@ -98,7 +111,7 @@ class _Conv1x1(torch.autograd.Function):
         grad = grad.contiguous()
         d_feats = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
-            d_feats = batched_mm(weight.t().contiguous().expand(grad.shape[0], -1, -1), grad)
+            d_feats = _apply_1x1(weight.t().contiguous(), grad)
         if ctx.needs_input_grad[1]:
             d_weight = torch.zeros_like(weight)
             for b in range(grad.shape[0]):

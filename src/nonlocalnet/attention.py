@@ -15,6 +15,9 @@ Fast paths, each with a ``*_reference`` twin that materialises the (B, N, M) aff
 - softmax (Gaussian and embedded Gaussian): scaled_dot_product_attention restricted to fused
   kernels (flash / memory-efficient), or a query-chunked kernel whose backward recomputes the
   affinity chunk by chunk. Memory is O(chunk * M), never O(N * M).
+  :func:`channel_first_softmax_attention` is the same in the block's own (B, C, positions)
+  layout, with an optional per-key logit term; the block uses it on CPU, its products through
+  oneDNN (:mod:`nonlocalnet._gemm`).
 - dot product: the associative form q (k^T v) / M, O((N + M) Cq Cv).
 - concatenation: ReLU(a_i + b_j) with a = q w_q, b = k w_k is summed exactly in
   O((N + M) log M + (N + M) Cv) by sorting b, prefix sums of v and b v, and a binary search for -a_i.
