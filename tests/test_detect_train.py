@@ -129,7 +129,7 @@ def test_the_shapes_set_is_consistent_and_written_once(tmp_path):
 def test_a_short_cpu_run_overfits_the_training_images(tmp_path, nonlocal_backbone):
     images, annotations, _ = make_coco(tmp_path, images=4)
     cfg = coco_config(images, annotations, f"model.nonlocal_backbone={nonlocal_backbone}", "optim.batch_size=2",
-                      "optim.iterations=60", "optim.steps=[50]", "train.log_every=10", "train.checkpoint_every=60")
+                      "optim.iterations=80", "optim.steps=[70]", "train.log_every=10", "train.checkpoint_every=80")
     result = detect.fit(cfg, tmp_path / "run")
     records = [r for r in _records(tmp_path / "run") if "kind" not in r]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
