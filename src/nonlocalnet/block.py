@@ -300,9 +300,10 @@ class NonLocalBlock(nn.Module):
 
     def _channel_first(self, x: torch.Tensor, folds: bool) -> bool:
         """Whether the channel-first forms serve (every tensor (B, C, positions), 1x1 convs and
-        products through oneDNN on CPU): the softmax modes and the dot product over all positions
-        (one group per clip); the softmax modes on CPU or folded (PyTorch's fused SDPA serves the
-        plain form on accelerators)."""
+        products through oneDNN on CPU): the dot product over all positions (one group per clip),
+        and the softmax modes over all positions when folded, or unfolded on CPU for clips of
+        ``_CHANNEL_FIRST_MIN_PAIRS`` query-key pairs and more (smaller clips, and the plain form on
+        accelerators, where PyTorch's fused SDPA serves, take the batched token kernels)."""
         if _groups_kind(self.affinity, self.dims) != "spacetime" or self.impl == "naive":
             return False
         if self.mode == "dot_product":
