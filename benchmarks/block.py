@@ -164,10 +164,6 @@ def _roofs(roof: dict) -> str:
     return text + (f", {roof['onednn']:.0f} GFLOP/s through oneDNN" if roof.get("onednn") else "")
 
 
-def _roof(device: torch.device, dtype: torch.dtype) -> dict:
-    return {library: bench.matmul_rate(device, dtype, library=library) for library in ("torch", "onednn")}
-
-
 def _speedups(results: list[dict]) -> str:
     lines = ["| input | mode | ours fwd | fastest peer fwd | ratio | ours fwd+bwd | fastest peer fwd+bwd | ratio |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -215,7 +211,7 @@ def main() -> None:
     device = torch.device(args.device)
     env = bench.environment(device)
     env.update(_peer_versions())
-    roof = _roof(device, getattr(torch, args.dtype))
+    roof = bench.matmul_rates(device, getattr(torch, args.dtype))
     print(json.dumps(env), f"matmul roof: {_roofs(roof)}", flush=True)
     cases = list(_cases(args))
     rounds: dict[tuple, list] = {case: [] for case in cases}
@@ -228,7 +224,7 @@ def main() -> None:
                 print(f"round {round_index + 1}: {case} fwd {result['forward_s']:.4f} s, "
                       f"fwd+bwd {result['train_s'] or float('nan'):.4f} s", flush=True)
     results = [dict(_merge(rs), size=c[0], dims=c[1], mode=c[2], impl=c[3], dtype=args.dtype) for c, rs in rounds.items()]
-    roof_after = _roof(device, getattr(torch, args.dtype))
+    roof_after = bench.matmul_rates(device, getattr(torch, args.dtype))
     with open(args.out, "w") as f:
         json.dump({"env": env, "roof_gflops": [roof, roof_after], "results": results}, f, indent=1)
     print(_markdown(results, roof))

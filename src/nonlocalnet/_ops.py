@@ -113,9 +113,7 @@ class _Conv1x1(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_feats = _apply_1x1(weight.t().contiguous(), grad)
         if ctx.needs_input_grad[1]:
-            d_weight = torch.zeros_like(weight)
-            for b in range(grad.shape[0]):
-                d_weight += mm(grad[b], feats[b].t())
+            d_weight = _sum_of_products(grad, feats.transpose(1, 2))  # (C', C)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             d_bias = grad.sum((0, 2))
         return d_feats, d_weight, d_bias

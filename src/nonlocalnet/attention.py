@@ -297,6 +297,12 @@ def _key_major_weights(keys, queries, bias, lse):
     return logits.sub_(lse).exp_(), lse
 
 
+def _scaled_keys(k, key_bias, scale: float):
+    """The scaled key tokens (B, M, C), a new tensor, and the scaled key bias (B, M) or None."""
+    keys = k.mul(scale).transpose(1, 2).contiguous()
+    return keys, None if key_bias is None else key_bias * scale
+
+
 def _channel_first_forward(q, k, key_bias, v, scale: float, chunk: int):
     """Output (B, Cv, N) and the log-sum-exp of each query's scaled logits (B, N), one clip and one
     (M, chunk) block of logits at a time. The logits are kept key-major, P^T = softmax(S)^T of
@@ -304,8 +310,7 @@ def _channel_first_forward(q, k, key_bias, v, scale: float, chunk: int):
     keys as tokens) and writes the output in its (Cv, c) layout."""
     out = q.new_empty(q.shape[0], v.shape[1], q.shape[2])
     lse = q.new_empty(q.shape[0], q.shape[2])
-    keys = k.mul(scale).transpose(1, 2).contiguous()  # (B, M, C) scaled key tokens (a new tensor)
-    bias = None if key_bias is None else key_bias * scale
+    keys, bias = _scaled_keys(k, key_bias, scale)
     for b in range(q.shape[0]):
         for s, e in _chunks(q.shape[2], chunk):
             p_t, lse[b, s:e] = _key_major_weights(keys[b], _dense_chunk(q[b], s, e), None if bias is None else bias[b], None)
@@ -323,9 +328,8 @@ def _channel_first_backward(q, k, key_bias, v, out, lse, dout, scale: float, chu
     # rowsum(dP * P) = rowsum(dO * O) per query: from whichever of the (M, c) weights and the
     # (Cv, c) output chunk is smaller
     delta_from_weights = k.shape[2] < v.shape[1]
-    keys = k.mul(scale).transpose(1, 2).contiguous()  # (B, M, C), a new tensor
+    keys, bias = _scaled_keys(k, key_bias, scale)
     values = v.transpose(1, 2).contiguous()  # (B, M, Cv)
-    bias = None if key_bias is None else key_bias * scale
     dq = torch.empty_like(q) if needs[0] else None
     dk_t = k.new_zeros(k.shape[0], k.shape[2], k.shape[1]) if needs[1] else None  # (B, M, C)
     dbias = torch.zeros_like(key_bias) if key_bias is not None and needs[2] else None

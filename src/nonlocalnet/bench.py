@@ -145,6 +145,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return 2 * n**3 / seconds / 1e9
 
 
+def matmul_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float | None]:
+    """:func:`matmul_rate` through ``torch.mm`` and through oneDNN, keyed ``"torch"``, ``"onednn"``."""
+    return {library: matmul_rate(device, dtype, library=library) for library in ("torch", "onednn")}
+
+
 @dataclass
 class CaseResult:
     """One implementation at one input: medians in seconds, extra peak bytes, executed FLOPs."""

@@ -245,7 +245,7 @@ class NonLocalBlock(nn.Module):
     def _fold_costs(self, x: torch.Tensor):
         if self.impl == "naive" or self.fold is False or self.mode == "concatenation":
             return False
-        if self.pool == "after" and self.pool_kernel is not None:
+        if self._pools_after:
             return False  # the folds rewrite convs of the pooled x (g's too); here the convs come first
         if self.mode == "dot_product" and _groups_kind(self.affinity, self.dims) != "spacetime":
             return False  # one C x C map per frame / location would cost more than it saves
@@ -298,6 +298,11 @@ class NonLocalBlock(nn.Module):
             return math.prod(keys[1:])
         return keys[0] if kind == "time" else math.prod(keys)
 
+    @property
+    def _pools_after(self) -> bool:
+        """Whether the key/value max-pool comes after the phi and g convs (``pool="after"``)."""
+        return self.pool == "after" and self.pool_kernel is not None
+
     def _channel_first(self, x: torch.Tensor, folds: bool) -> bool:
         """Whether the channel-first forms serve (every tensor (B, C, positions), 1x1 convs and
         products through oneDNN on CPU): the dot product over all positions (one group per clip),
@@ -322,7 +327,7 @@ class NonLocalBlock(nn.Module):
     def _key_maps(self, x: torch.Tensor, *convs: nn.Module) -> list[torch.Tensor]:
         """(B, C', M) of each 1x1 conv on the key side: the conv of the pooled x, or the pooled
         conv of x when the pool comes after the convs."""
-        if self.pool == "after" and self.pool_kernel is not None:
+        if self._pools_after:
             maps = [_conv1x1(x.flatten(2), conv.weight.flatten(1), conv.bias).view(x.shape[0], -1, *x.shape[2:])
                     for conv in convs]
             return [self._keys_source(m).flatten(2) for m in maps]
@@ -336,10 +341,10 @@ class NonLocalBlock(nn.Module):
         x when the pool comes before the convs (after them, max-pooling phi does not commute with
         the projection)."""
         x_flat, width = x.flatten(2), self.inner_channels
-        w_theta, w_phi = self.concat.weight.reshape(-1)[:width], self.concat.weight.reshape(-1)[width:]
+        w_theta, w_phi = self.concat.weight.reshape(-1).split(width)
         a = torch.matmul(w_theta @ self.theta.weight.flatten(1), x_flat) + w_theta @ self.theta.bias  # (B, N)
         (g,) = self._key_maps(x, self.g)  # (B, C', M)
-        if self.pool == "after" and self.pool_kernel is not None:
+        if self._pools_after:
             b = torch.matmul(w_phi, *self._key_maps(x, self.phi))  # (B, M)
         else:
             key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
@@ -477,7 +482,7 @@ class NonLocalBlock(nn.Module):
     def _qkv(self, x: torch.Tensor):
         """Grouped queries, keys and values of an input already checked by the caller."""
         x_flat = x.flatten(2)  # (B, C, N)
-        after = self.pool == "after" and self.pool_kernel is not None
+        after = self._pools_after
         # the pooled x: gaussian's keys, and what the convs of the keys see when they come second
         key_flat = None if after and self.mode != "gaussian" else self._keys_source(x).flatten(2)  # (B, C, M)
 

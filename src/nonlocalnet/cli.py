@@ -25,7 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     shape = bench.parse_shape(args.shape)
     env = bench.environment(device)
-    roof = {library: bench.matmul_rate(device, dtype, library=library) for library in ("torch", "onednn")}
+    roof = bench.matmul_rates(device, dtype)
     print(f"nonlocalnet {__version__}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     rates = ", ".join(f"{rate:.0f} GFLOP/s ({library})" for library, rate in roof.items() if rate)
     print(f"input {tuple(shape)} {args.dtype} on {device}; matmul roof (2048^2): {rates}")

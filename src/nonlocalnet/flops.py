@@ -16,6 +16,7 @@ for R101 C2D) and the official counter's are multiply-adds, half of these.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,10 +36,7 @@ def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kw
 
 def _onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """``mkldnn._linear_pointwise`` (x @ w^T), which :func:`nonlocalnet._gemm.mm` calls."""
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    return 2 * rows * x_shape[-1] * w_shape[0]
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
 
 
 def _as_registered(op) -> Callable:
