@@ -324,14 +324,16 @@ class NonLocalBlock(nn.Module):
         decision = math.prod(x.shape[2:]) * math.prod(self.key_shape(x.shape)) >= _CHANNEL_FIRST_MIN_PAIRS
         return statically_known_true(decision) if isinstance(decision, torch.SymBool) else bool(decision)
 
-    def _key_maps(self, x: torch.Tensor, *convs: nn.Module) -> list[torch.Tensor]:
-        """(B, C', M) of each 1x1 conv on the key side: the conv of the pooled x, or the pooled
-        conv of x when the pool comes after the convs."""
+    def _key_maps(self, x: torch.Tensor, *convs: nn.Module, key_flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """(B, C', M) of each 1x1 conv on the key side: the conv of the pooled x (``key_flat``, the
+        pooled x as (B, C, M), when the caller has it already), or the pooled conv of x when the
+        pool comes after the convs."""
         if self._pools_after:
             maps = [_conv1x1(x.flatten(2), conv.weight.flatten(1), conv.bias).view(x.shape[0], -1, *x.shape[2:])
                     for conv in convs]
             return [self._keys_source(m).flatten(2) for m in maps]
-        key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
+        if key_flat is None:
+            key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
         return [_conv1x1(key_flat, conv.weight.flatten(1), conv.bias) for conv in convs]
 
     def _concatenation_transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,11 +345,11 @@ class NonLocalBlock(nn.Module):
         x_flat, width = x.flatten(2), self.inner_channels
         w_theta, w_phi = self.concat.weight.reshape(-1).split(width)
         a = torch.matmul(w_theta @ self.theta.weight.flatten(1), x_flat) + w_theta @ self.theta.bias  # (B, N)
-        (g,) = self._key_maps(x, self.g)  # (B, C', M)
-        if self._pools_after:
+        key_flat = None if self._pools_after else self._keys_source(x).flatten(2)  # (B, C, M)
+        (g,) = self._key_maps(x, self.g, key_flat=key_flat)  # (B, C', M)
+        if key_flat is None:
             b = torch.matmul(w_phi, *self._key_maps(x, self.phi))  # (B, M)
         else:
-            key_flat = self._keys_source(x).flatten(2)  # (B, C, M)
             b = torch.matmul(w_phi @ self.phi.weight.flatten(1), key_flat) + w_phi @ self.phi.bias
         groups = self._groups(x)
         y = concatenation_attention(groups.group(a[..., None])[..., 0], groups.group_keys(b[..., None])[..., 0],
@@ -362,8 +364,8 @@ class NonLocalBlock(nn.Module):
         x_flat = x.flatten(2)  # (B, C, N)
         key_bias, w_out = None, self.out.weight.flatten(1)  # (C, C')
         if self.mode == "gaussian":
-            (g,) = self._key_maps(x, self.g)
             q, k = x_flat, self._keys_source(x).flatten(2)  # x and the pooled x
+            (g,) = self._key_maps(x, self.g, key_flat=k)
         else:
             phi, g = self._key_maps(x, self.phi, self.g)  # (B, C', M)
             if folds:
