@@ -17,7 +17,7 @@ def _weights_in_millions(model):
 
 
 @pytest.mark.parametrize(
-    "kwargs, millions",  # shared/PAPER.md §2.1 (R101 C2D: the paper's 43.2M)
+    "kwargs, millions",  # by hand, official convention (R101 C2D: the paper's 43.2M; docs/paper.md §6)
     [
         (dict(depth=50), 24.27),
         (dict(depth=50, inflation="3x1x1"), 27.99),
@@ -134,7 +134,7 @@ def _report(input_shape=(1, 3, 32, 224, 224), **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs, gmacs",  # shared/PAPER.md §2.1, multiply-adds at 32 x 224^2 in the official convention
+    "kwargs, gmacs",  # by hand: multiply-adds at 32 x 224^2 in the official convention
     [
         (dict(depth=50), 20.23),
         (dict(depth=50, nonlocal_blocks={"res4": (4,)}), 21.42),

@@ -16,7 +16,7 @@ BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 def _hand_count(arch, depth, count, frozen, classes=400):
-    """(all parameters, conv/fc weights) from the architecture (shared/PAPER.md §1), by hand."""
+    """(all parameters, conv/fc weights) from the architecture (docs/paper.md §3), by hand."""
     inflate = arch == "i3d"
     temporal = {"res2": {0, 1, 2}, "res3": {0, 2}, "res4": set(range(0, BLOCKS[depth][2], 2)), "res5": {1}}
     weights, norms = 3 * 64 * (5 if inflate else 1) * 7 * 7, 64
@@ -111,7 +111,7 @@ def test_overrides_and_errors():
         model = create_model("i3d_r101", inflation="3x3x3", dropout=0.0)
         charades = create_model("i3d_nl5_r101", num_classes=157)
     assert model.res2[0].branch2b.kernel_size == (3, 3, 3) and model.dropout.p == 0.0
-    assert round(sum(p.numel() for p in model.parameters() if p.dim() > 1) / 1e6, 2) == 62.94  # shared/PAPER.md §2.1
+    assert round(sum(p.numel() for p in model.parameters() if p.dim() > 1) / 1e6, 2) == 62.94  # by hand, every-other 3x3x3 pattern
     assert charades.pred.out_features == 157
     with torch.device("meta"):
         dot = create_model("c2d_nl5_r50", nonlocal_options={"mode": "dot_product"})

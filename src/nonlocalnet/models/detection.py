@@ -1,5 +1,5 @@
-"""Mask R-CNN and Keypoint R-CNN with non-local blocks (paper §6, Tables 5 and 6; shared/PAPER.md
-§3.6), built on torchvision's detection models (the ``detection`` extra).
+"""Mask R-CNN and Keypoint R-CNN with non-local blocks (paper §6, Tables 5 and 6; docs/paper.md
+§4.5), built on torchvision's detection models (the ``detection`` extra).
 
 Where the blocks go:
 - boxes and masks (Table 5): one block in res4 right before its last residual block, i.e. after

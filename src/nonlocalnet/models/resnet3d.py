@@ -1,6 +1,6 @@
 """ResNet-50/101 for video: C2D and I3D backbones with non-local blocks (paper §4, Table 1).
 
-The layout follows the official Caffe2 builders (shared/PAPER.md §1), and the module names follow
+The layout follows the official Caffe2 builders (docs/paper.md §3), and the module names follow
 its blob names so that checkpoints map one to one: ``conv1``/``res_conv1_bn`` (stem),
 ``res2``..``res5`` (stages of :class:`Bottleneck3d` with ``branch2a``/``branch2b``/``branch2c``,
 their ``*_bn``, and the projection ``branch1``/``branch1_bn``), a non-local block after a residual

@@ -25,8 +25,8 @@ A name reads ``{c2d|i3d}[_nl{1|5|10}]_r{50|101}[_{input}]``:
   affine and the official frozen-BN non-local blocks: no BN (W_z zero-initialised) and res3
   attention within groups of 4 frames.
 
-Cards hold the paper's Kinetics-400 val top-1/top-5 (shared/PAPER.md §2; Table 2g for 128x1),
-the official release's (its README, §4.6, with the checkpoint file), and the cost computed by our
+Cards hold the paper's Kinetics-400 val top-1/top-5 (docs/paper.md §6; Table 2g for 128x1),
+the official release's (its README's model zoo, with the checkpoint file), and the cost computed by our
 counter (:func:`nonlocalnet.flops.model_report`; tests recount every card). FLOPs are
 2 x multiply-adds; the paper's "FLOPs" (34.2B for R101 C2D, Table 2e) count multiply-adds.
 """
@@ -60,7 +60,7 @@ INPUTS = {
 }
 DEFAULT_INPUT = "32x2"
 
-# (arch, blocks, depth, input) -> (top-1, top-5, where). Kinetics-400 val, shared/PAPER.md §2.
+# (arch, blocks, depth, input) -> (top-1, top-5, where). Kinetics-400 val, the paper's Tables 2 and 3.
 PAPER = {
     ("c2d", 0, 50, "32x2"): (71.8, 89.7, "Table 2c"),
     ("c2d", 1, 50, "32x2"): (72.7, 90.5, "Table 2c"),
