@@ -244,7 +244,7 @@ def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
     ``root``, or by default ``~/.cache/nonlocalnet/<kind>-<key>``. Rank 0 writes it once (reused
     while its spec is the same) and the other ranks wait for it."""
     from .data.shapes import make_shapes
-    from .data.synthetic import make_synthetic
+    from .data.synthetic import ForeignFolderError, make_synthetic
 
     if not root:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nonlocalnet"
@@ -252,6 +252,10 @@ def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
     if dist.is_main():
         try:
             {"synthetic": make_synthetic, "shapes": make_shapes}[kind](root, spec, log=log.info)
+        except ForeignFolderError as err:
+            own = {"synthetic": "list, kinetics, folders or charades", "shapes": "coco"}[kind]
+            raise ForeignFolderError(f"data.root: {err} (data.dataset is {kind!r}, a set the package writes there; "
+                                     f"to read your own data, set data.dataset to {own})") from None
         except ValueError as err:
             raise ValueError(f"data.root / data.{kind}_*: {err}") from None
     if dist.world_size() > 1:

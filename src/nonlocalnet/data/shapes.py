@@ -132,4 +132,4 @@ def make_shapes(root: str | os.PathLike, spec: ShapesSpec | None = None, *, log=
             file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
 
     return build_once(root, {"version": _VERSION, **asdict(spec)}, build, log,
-                      f"the shapes set ({spec.train} train + {spec.val} val images)")
+                      f"the shapes set ({spec.train} train + {spec.val} val images)", kind="shapes")

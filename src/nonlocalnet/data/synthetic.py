@@ -16,13 +16,15 @@ compares every position with every other, first frames with last ones included (
 :func:`make_synthetic` writes the set once per parameters under a root folder and reuses it
 (``manifest.json`` records them): ``videos/{train,val}/NNNNN.mp4``, list files ``train.txt`` and
 ``val.txt`` (``path label`` per line, the format of :func:`~nonlocalnet.data.datasets.read_list`)
-and ``classes.txt``.
+and ``classes.txt``. :func:`build_once`, which also writes the detection shapes set, never removes
+or overwrites a folder it did not write (its ``.nonlocalnet-generated`` marker says what it wrote).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lock import exclusive
 from .decode import _av
 
-__all__ = ["CLASSES", "SyntheticSpec", "render_video", "write_video", "make_synthetic"]
+__all__ = ["CLASSES", "SyntheticSpec", "render_video", "write_video", "make_synthetic", "ForeignFolderError"]
 
 CLASSES = ("different", "same")
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 240], [240, 220, 40], [220, 60, 220], [40, 220, 230]],
@@ -126,33 +129,122 @@ def make_synthetic(root: str | os.PathLike, spec: SyntheticSpec | None = None, *
         (work / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES))
 
     return build_once(root, {"version": _VERSION, **asdict(spec)}, build, log,
-                      f"the synthetic set ({spec.train} train + {spec.val} val videos)")
+                      f"the synthetic set ({spec.train} train + {spec.val} val videos)", kind="synthetic")
 
 
-def build_once(root: str | os.PathLike, manifest: dict, build, log, what: str) -> Path:
+class ForeignFolderError(ValueError):
+    """The folder of a generated set holds files the package did not write; nothing was changed."""
+
+
+MARKER = ".nonlocalnet-generated"  # written by build_once only: a folder without it is never removed or replaced
+
+
+def _read_marker(folder: Path) -> dict | None:
+    """The marker of a folder build_once wrote (kind, the root's name, the files it wrote), or None."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("writer") == "nonlocalnet" else None
+
+
+def _write_marker(folder: Path, kind: str, name: str, files: dict[str, int] | None, retired: bool = False) -> None:
+    """``files``: relative path -> size of what the build wrote; None while it is being built."""
+    marker = {"writer": "nonlocalnet", "kind": kind, "name": name, "files": files, "retired": retired}
+    (folder / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file below ``folder`` but the marker (links count as files)."""
+    found = {}
+    for top, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            path = os.path.join(top, name)
+            found[Path(os.path.relpath(path, folder)).as_posix()] = os.lstat(path).st_size
+    found.pop(MARKER, None)
+    return found
+
+
+def _check_replaceable(root: Path) -> None:
+    """Raise :class:`ForeignFolderError` unless ``root`` is absent, empty, or a set build_once wrote
+    that still holds only its own files, unchanged in size."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ForeignFolderError(f"{root} is a file, not a folder; choose a folder for the generated set")
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return
+    marker = _read_marker(root)
+    if marker is None or not isinstance(marker.get("files"), dict):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ForeignFolderError(f"{root} is not empty ({shown}) and was not written by nonlocalnet, so it is left "
+                                 f"as it is; choose an empty or new folder for the generated set")
+    own = marker["files"]
+    foreign = sorted(path for path, size in _listing(root).items() if path not in own or own[path] != size)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ForeignFolderError(f"{root} holds a set written by nonlocalnet and files it did not write or that "
+                                 f"changed since ({shown}), so it is left as it is; move those files out, or choose "
+                                 f"another folder for the generated set")
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove the temporary folders of builds of ``root`` that were killed: named as build_once
+    names them and marked as ours, for ``root``, unfinished or retired. Call with the lock held."""
+    name = re.compile(re.escape(root.name) + r"\.[a-z0-9_]{8}")
+    for entry in root.parent.iterdir():
+        if name.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            marker = _read_marker(entry)
+            if marker and marker.get("name") == root.name and (marker.get("files") is None or marker.get("retired")):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def build_once(root: str | os.PathLike, manifest: dict, build, log, what: str, *, kind: str) -> Path:
     """Make a generated data set under ``root`` once: reused while ``root/manifest.json`` equals
     ``manifest``, otherwise built by ``build(folder)`` in a temporary folder beside ``root`` and
-    renamed into place (an interrupted build leaves nothing half-written). Returns ``root``."""
+    renamed into place (an interrupted build leaves nothing half-written). Returns ``root``.
+
+    Only a set this function wrote (its :data:`MARKER` file lists the files) is replaced, and only
+    while it holds nothing else: any other non-empty ``root`` is a :class:`ForeignFolderError`
+    that leaves it as it was. Builders of one ``root`` take turns on a lock file beside it
+    (``.<name>.lock``); the one holding it removes what killed builds left behind.
+    """
     root = Path(root)
-    try:
-        if json.loads((root / "manifest.json").read_text()) == manifest:
-            return root
-    except (OSError, ValueError):
-        pass
-    if root.exists() and any(root.iterdir()):
-        if not (root / "manifest.json").exists():
-            raise ValueError(f"root: {root} is not empty and holds no generated set; choose an empty folder")
-        shutil.rmtree(root)  # an older or different generated set
+
+    def built() -> bool:
+        try:
+            return json.loads((root / "manifest.json").read_text(encoding="utf-8")) == manifest
+        except (OSError, ValueError):
+            return False
+
+    if built():
+        return root
+    _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    log(f"writing {what} to {root} (once)")
-    work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
-        build(work)
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if root.exists():
-            root.rmdir()
-        os.replace(work, root)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    with exclusive(root.parent / f".{root.name}.lock", what=f"{root}", wait=True):
+        if built():  # another process built it while this one waited
+            return root
+        _check_replaceable(root)
+        _remove_stale(root)
+        log(f"writing {what} to {root} (once)")
+        work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+        try:
+            _write_marker(work, kind, root.name, None)
+            build(work)
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            _write_marker(work, kind, root.name, _listing(work))
+            if root.exists() and any(root.iterdir()):  # an older set of ours: retire it, then swap
+                _write_marker(root, kind, root.name, _read_marker(root)["files"], retired=True)
+                old = tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent)
+                os.replace(root, old)
+                os.replace(work, root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                if root.exists():
+                    root.rmdir()
+                os.replace(work, root)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     return root
