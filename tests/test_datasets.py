@@ -10,8 +10,8 @@ av = pytest.importorskip("av")
 np = pytest.importorskip("numpy")
 
 from nonlocalnet.data.datasets import (  # noqa: E402
-    AnnotationError, Skipped, VideoDataset, collate, read_charades_csv, read_class_folders, read_classes,
-    read_kinetics_csv, read_list,
+    AnnotationError, Skipped, VideoDataset, VideoRecord, collate, read_charades_csv, read_class_folders,
+    read_classes, read_kinetics_csv, read_list,
 )
 from nonlocalnet.data.synthetic import CLASSES, SyntheticSpec, make_synthetic, render_video, write_video  # noqa: E402
 
@@ -26,15 +26,19 @@ def small_video(path, frames=12, seed=0):
 
 
 def test_list_file_single_and_multi_label(tmp_path):
-    (tmp_path / "a.txt").write_text("# comment\nclips/x.mp4 3\n\nclips/y z.mp4 0\nclips/w.mp4,2\n")
+    for name in ("x.mp4", "y z.mp4", "w.mp4", "v1.mp4"):
+        (tmp_path / "clips").mkdir(exist_ok=True)
+        (tmp_path / "clips" / name).write_bytes(b"x")
+    (tmp_path / "a.txt").write_text("# comment\nclips/x.mp4 3\n\nclips/y z.mp4 0\nclips/w.mp4,2\nclips/gone.mp4 1\n")
     ann = read_list(tmp_path / "a.txt")
     assert [r.path for r in ann.records] == [str(tmp_path / "clips/x.mp4"), str(tmp_path / "clips/y z.mp4"),
                                              str(tmp_path / "clips/w.mp4")]
-    assert [r.label for r in ann.records] == [3, 0, 2]
-    assert ann.classes == ["0", "1", "2", "3"] and not ann.multilabel
+    assert [r.label for r in ann.records] == [3, 0, 2] and ann.missing == [str(tmp_path / "clips/gone.mp4")]
+    assert ann.classes == ["0", "1", "2", "3"] and not ann.multilabel  # label 1 counts, though its video is absent
     (tmp_path / "m.txt").write_text("v1.mp4 1 3 5\nv2.mp4 0\n")
-    multi = read_list(tmp_path / "m.txt", root="/data", classes=[f"c{i}" for i in range(6)])
-    assert multi.multilabel and multi.records[0].labels == (1, 3, 5) and multi.records[0].path == "/data/v1.mp4"
+    multi = read_list(tmp_path / "m.txt", root=tmp_path / "clips", classes=[f"c{i}" for i in range(6)])
+    assert multi.multilabel and multi.records[0].labels == (1, 3, 5)
+    assert multi.records[0].path == str(tmp_path / "clips/v1.mp4") and multi.missing == [str(tmp_path / "clips/v2.mp4")]
 
 
 @pytest.mark.parametrize("text, line, reason", [
@@ -151,12 +155,16 @@ def test_train_items_are_a_function_of_the_seed(clips):
     assert not torch.equal(a["clip"], c["clip"])
 
 
-def test_unreadable_videos_are_skipped_and_named(clips):
-    ds = VideoDataset(read_list(clips / "list.txt"), frames=4, rate=2, scales=(32, 40), crop_size=28)
+def test_unreadable_videos_are_skipped_and_named(clips, tmp_path):
+    ann = read_list(clips / "list.txt")
+    assert ann.missing == [str(clips / "missing.mp4")]
+    ds = VideoDataset(ann, frames=4, rate=2, scales=(32, 40), crop_size=28)
     items = [ds[(i, i)] for i in range(len(ds))]
     bad = {item.path.split("/")[-1]: item.reason for item in items if isinstance(item, Skipped)}
-    assert set(bad) >= {"empty.mp4", "missing.mp4", "garbage.mp4"}
-    assert bad["empty.mp4"] == "empty file (0 bytes)" and bad["missing.mp4"] == "no such file"
+    assert set(bad) >= {"empty.mp4", "garbage.mp4"} and "missing.mp4" not in bad  # read_list set it aside
+    assert bad["empty.mp4"] == "empty file (0 bytes)"
+    ds.records.append(VideoRecord(str(tmp_path / "gone.mp4"), (0,)))  # deleted after the list was read
+    assert ds[(len(ds) - 1, 0)] == Skipped(str(tmp_path / "gone.mp4"), "no such file")
     batch = collate(items)
     good = len(items) - len(batch["skipped"])
     assert good >= 4 and batch["clip"].shape[0] == good and len(batch["target"]) == good

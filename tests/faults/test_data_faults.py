@@ -10,10 +10,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
+from faultkit import tiny_overrides
 
 from nonlocalnet.cli import main
+from nonlocalnet.data.datasets import (AnnotationError, VideoDataset, read_charades_csv, read_class_folders,
+                                       read_classes, read_kinetics_csv, read_list)
 from nonlocalnet.data.synthetic import MARKER, ForeignFolderError, SyntheticSpec, build_once, make_synthetic
 
 SMALL = SyntheticSpec(train=2, val=2, height=32, width=32, frames=8)
@@ -26,8 +30,7 @@ def _quiet(*_):
 
 def _snapshot(folder):
     """Relative path -> sha256 of every file below ``folder``."""
-    return {os.path.relpath(os.path.join(top, name), folder):
-            hashlib.sha256(open(os.path.join(top, name), "rb").read()).hexdigest()
+    return {os.path.relpath(os.path.join(top, name), folder): hashlib.sha256(Path(top, name).read_bytes()).hexdigest()
             for top, _, files in os.walk(folder) for name in files}
 
 
@@ -124,3 +127,123 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_and_nothing_else(tm
     assert not left.exists()
     assert sorted(os.listdir(tmp_path)) == [".syn.lock", "syn", "syn.abcd1234", "syn.efgh5678"]
     assert (similar / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------- absent listed videos (item 3)
+
+
+def test_listed_videos_that_are_absent_are_set_aside_by_name(tiny_set, tmp_path):
+    listed = (tiny_set / "train.txt").read_text().splitlines()
+    (tmp_path / "train.txt").write_text("".join(f"{tiny_set / line}\n" for line in listed) + "gone/a.mp4 0\n")
+    ann = read_list(tmp_path / "train.txt", root=tmp_path, classes=tiny_set / "classes.txt")
+    assert len(ann.records) == len(listed) and ann.missing == [str(tmp_path / "gone/a.mp4")]
+    (tmp_path / "none.txt").write_text("gone/a.mp4 0\ngone/b.mp4 1\n")
+    ann = read_list(tmp_path / "none.txt")
+    assert ann.records == [] and len(ann.missing) == 2 and ann.classes == ["0", "1"]
+
+
+def test_a_list_whose_videos_are_all_absent_stops_the_cli_in_one_line(tiny_set, tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("gone/a.mp4 0\ngone/b.mp4 1\n")
+    rc = main(["train", "--out", str(tmp_path / "run"), "--set",
+               *tiny_overrides(tiny_set, **{"data.train": tmp_path / "train.txt"})])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "data.train: no usable entries; none of its 2 videos was found" in err
+
+
+# -------------------------------------------------------------------- text that is not UTF-8 (item 8)
+
+
+def _kinetics(path, root):
+    return read_kinetics_csv(path, root)
+
+
+def _charades(path, root):
+    return read_charades_csv(path, root)
+
+
+def _list(path, root):
+    return read_list(path, root, classes=["a", "b"])
+
+
+def _classes(path, root):
+    return read_classes(path)
+
+
+@pytest.mark.parametrize("reader, head, line", [
+    (_list, b"a.mp4 0\n", b"\xe9t\xe9.mp4 1\n"),
+    (_kinetics, b"label,youtube_id,time_start,time_end\nabseiling,x,0,10\n", b"caf\xe9,y,0,10\n"),
+    (_charades, b"id,actions\nA,c001 0 1\n", b"B,c002 0 1 \x96 x\n"),
+    (_classes, b"abseiling\n", b"\xff\xfeair drumming\n"),
+])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, reader, head, line):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(head + head.splitlines(keepends=True)[-1] + line)
+    number = len(head.splitlines()) + 2
+    with pytest.raises(AnnotationError, match=rf"latin1\.txt:{number}: not UTF-8 text \(byte 0x.. at column "
+                                              rf"\d+\); save the file as UTF-8"):
+        reader(path, tmp_path)
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    (tmp_path / "x_000000_000010.mp4").write_bytes(b"x")
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbflabel,youtube_id,time_start,time_end\nabseiling,x,0,10\n")
+    ann = read_kinetics_csv(path, tmp_path)
+    assert ann.classes == ["abseiling"] and ann.records[0].labels == (0,)
+
+
+def test_a_non_utf8_list_stops_the_cli_with_file_and_line(tiny_set, tmp_path, capsys):
+    (tmp_path / "train.txt").write_bytes((tiny_set / "train.txt").read_bytes() + b"caf\xe9.mp4 0\n")
+    rc = main(["train", "--out", str(tmp_path / "run"), "--set",
+               *tiny_overrides(tiny_set, **{"data.train": tmp_path / "train.txt", "data.root": tiny_set})])
+    err = capsys.readouterr().err
+    lines = len((tiny_set / "train.txt").read_text().splitlines()) + 1
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'train.txt'}:{lines}: not UTF-8 text (byte 0xe9 at column 4)" in err
+
+
+def test_non_utf8_file_names_in_class_folders(tiny_set, tmp_path):
+    video = (tiny_set / "videos/train/00000.mp4").read_bytes()
+    folder = os.fsencode(tmp_path / "classes")
+    for name in (b"a/\xff.mp4", b"b/ok.mp4"):
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        Path(os.fsdecode(os.path.join(folder, name))).write_bytes(video)
+    ann = read_class_folders(tmp_path / "classes")
+    assert ann.classes == ["a", "b"] and os.fsencode(ann.records[0].path).endswith(b"/a/\xff.mp4")
+    item = VideoDataset(ann, frames=4, rate=2, scales=(32, 32), crop_size=32)[(0, 0)]
+    assert item["clip"].shape == (3, 4, 32, 32)  # the file decodes under its name
+    os.makedirs(os.path.join(folder, b"\xfe"))
+    Path(os.fsdecode(os.path.join(folder, b"\xfe", b"v.mp4"))).write_bytes(video)
+    with pytest.raises(AnnotationError, match=r"class folder '\\udcfe': the name is not UTF-8; rename it"):
+        read_class_folders(tmp_path / "classes")
+
+
+# ------------------------------------------------------------------- labels and classes (item 9)
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("a.mp4 0\nb.mp4 99\n", r"labels 0, 99 leave out 1\.\.98"),
+    ("a.mp4 1\nb.mp4 2\n", r"labels 1\.\.2 leave out 0"),
+    ("a.mp4 0 3\nb.mp4 1\n", r"labels 0\.\.1, 3 leave out 2"),  # multi-label: the labels of all entries
+])
+def test_labels_with_gaps_need_class_names(tmp_path, text, shown):
+    (tmp_path / "train.txt").write_text(text)
+    with pytest.raises(AnnotationError, match=rf"train\.txt: {shown}, and no class names were given .*data\.classes"):
+        read_list(tmp_path / "train.txt")
+    assert len(read_list(tmp_path / "train.txt", classes=[str(i) for i in range(100)]).classes) == 100
+
+
+def test_a_validation_list_may_use_some_of_the_training_classes(tmp_path):
+    (tmp_path / "val.txt").write_text("a.mp4 2\n")
+    assert read_list(tmp_path / "val.txt", classes=["x", "y", "z"]).classes == ["x", "y", "z"]
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "v.mp4").write_bytes(b"x")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("not a video")
+    with pytest.raises(AnnotationError, match=rf"{tmp_path / 'b'}: a class folder without videos .* every folder "
+                                              rf"of {tmp_path} is a class"):
+        read_class_folders(tmp_path)

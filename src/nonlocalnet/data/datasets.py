@@ -70,15 +70,26 @@ class Annotations:
         return len(self.records)
 
 
-def _lines(path):
+def _text(path):
+    """The lines of a UTF-8 text file with their ends (a leading byte order mark dropped): bytes
+    that are not UTF-8 are an :class:`AnnotationError` naming the line."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(path, None, "no such annotation file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield number, line
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise AnnotationError(path, number, f"not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                                f"{err.start + 1}); save the file as UTF-8") from None
+
+
+def _lines(path):
+    """Numbered lines without blank ones and ``#`` comments, stripped."""
+    for number, line in enumerate(_text(path), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield number, line
 
 
 def read_classes(path) -> list[str]:
@@ -104,13 +115,25 @@ def _class_names(classes: Sequence[str] | str | os.PathLike | None) -> list[str]
 _LIST_LINE = re.compile(r"^(?P<path>.+?)(?:\s+|\s*,\s*)(?P<labels>-?\d+(?:(?:\s+|\s*,\s*)-?\d+)*)$")
 
 
+def _spans(values) -> str:
+    """Sorted ints as ranges: ``0..5, 9, 12..13``."""
+    spans = []
+    for v in sorted(values):
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def read_list(path, root: str | os.PathLike | None = None, classes: Sequence[str] | str | None = None) -> Annotations:
     """``path label [label ...]`` per line; paths are relative to ``root`` (default: the list's
-    folder). ``classes``: names or a file of names; default ``"0"``, ``"1"``, ... up to the
-    largest label."""
+    folder). Entries whose video is not a file go to ``missing``. ``classes``: names or a file of
+    names; without them the labels (of all entries, found or not) must be 0..K-1 without gaps,
+    which makes K classes named ``"0"`` .. ``"K-1"``."""
     root = Path(root) if root is not None else Path(path).parent
     names = _class_names(classes)
-    records, multilabel = [], False
+    records, missing, used, multilabel = [], [], set(), False
     for number, line in _lines(path):
         match = _LIST_LINE.match(line)
         if not match:
@@ -120,12 +143,22 @@ def read_list(path, root: str | os.PathLike | None = None, classes: Sequence[str
             limit = f"0..{len(names) - 1}" if names is not None else ">= 0"
             raise AnnotationError(path, number, f"expected labels in {limit}, got {list(labels)}")
         multilabel |= len(labels) > 1
-        records.append(VideoRecord(str(root / match["path"]), labels))
-    if not records:
+        used.update(labels)
+        video = str(root / match["path"])
+        if os.path.isfile(video):
+            records.append(VideoRecord(video, labels))
+        else:
+            missing.append(video)
+    if not used:
         raise AnnotationError(path, None, "no entries")
     if names is None:
-        names = [str(i) for i in range(1 + max(max(r.labels) for r in records))]
-    return Annotations(records, names, multilabel)
+        if len(used) != max(used) + 1:
+            absent = _spans(set(range(max(used))) - used)
+            raise AnnotationError(path, None, f"labels {_spans(used)} leave out {absent}, and no class names were "
+                                              f"given to say how many classes there are: pass the class names "
+                                              f"(data.classes: a file with one name per line)")
+        names = [str(i) for i in range(len(used))]
+    return Annotations(records, names, multilabel, missing)
 
 
 def _index_videos(root: Path) -> dict[str, str]:
@@ -146,29 +179,27 @@ def read_kinetics_csv(path, root, classes: Sequence[str] | str | None = None, sp
     mapping, e.g. the training set's for validation; default: the CSV's labels sorted. Rows whose
     clip is not below ``root`` are listed in ``missing``. ``split`` keeps only rows of that split."""
     path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(path, None, "no such annotation file")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not set(_KINETICS_COLUMNS[1:]) <= {h.strip() for h in header}:
-            raise AnnotationError(path, 1, f"expected a header with columns {','.join(_KINETICS_COLUMNS)}"
-                                           f"[,split][,is_cc], got {header}")
-        header = [h.strip() for h in header]
-        rows = []
-        for number, row in enumerate(reader, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != len(header):
-                raise AnnotationError(path, number, f"expected {len(header)} fields, got {len(row)}: {row}")
-            entry = dict(zip(header, (v.strip() for v in row)))
-            try:
-                start, end = int(float(entry["time_start"])), int(float(entry["time_end"]))
-            except ValueError:
-                raise AnnotationError(path, number, f"time_start, time_end: expected seconds, got "
-                                                    f"{entry['time_start']!r}, {entry['time_end']!r}") from None
-            if split is None or entry.get("split") == split:
-                rows.append((number, entry.get("label", ""), f"{entry['youtube_id']}_{start:06d}_{end:06d}"))
+    reader = csv.reader(_text(path))
+    header = next(reader, None)
+    if header is None or not set(_KINETICS_COLUMNS[1:]) <= {h.strip() for h in header}:
+        raise AnnotationError(path, 1, f"expected a header with columns {','.join(_KINETICS_COLUMNS)}"
+                                       f"[,split][,is_cc], got {header}")
+    header = [h.strip() for h in header]
+    rows = []
+    for row in reader:
+        number = reader.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != len(header):
+            raise AnnotationError(path, number, f"expected {len(header)} fields, got {len(row)}: {row}")
+        entry = dict(zip(header, (v.strip() for v in row)))
+        try:
+            start, end = int(float(entry["time_start"])), int(float(entry["time_end"]))
+        except ValueError:
+            raise AnnotationError(path, number, f"time_start, time_end: expected seconds, got "
+                                                f"{entry['time_start']!r}, {entry['time_end']!r}") from None
+        if split is None or entry.get("split") == split:
+            rows.append((number, entry.get("label", ""), f"{entry['youtube_id']}_{start:06d}_{end:06d}"))
     names = _class_names(classes) or sorted({label for _, label, _ in rows if label})
     lookup = {name: i for i, name in enumerate(names)}
     lookup.update({name.replace(" ", "_"): i for i, name in enumerate(names)})
@@ -185,15 +216,26 @@ def read_kinetics_csv(path, root, classes: Sequence[str] | str | None = None, sp
 
 
 def read_class_folders(root) -> Annotations:
-    """``root/<class>/<video>``: classes are the sorted folder names."""
+    """``root/<class>/<video>``: classes are the sorted folder names. A class folder without videos,
+    or whose name is not UTF-8 (it names the class in reports), is an :class:`AnnotationError`."""
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(root, None, "no such folder")
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    records = [VideoRecord(str(p), (i,)) for i, name in enumerate(names)
-               for p in sorted((root / name).iterdir()) if p.name.lower().endswith(VIDEO_EXTENSIONS)]
-    if not records:
-        raise AnnotationError(root, None, f"no videos ({', '.join(VIDEO_EXTENSIONS)}) in class folders")
+    if not names:
+        raise AnnotationError(root, None, "no class folders (one folder of videos per class)")
+    records = []
+    for i, name in enumerate(names):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AnnotationError(root, None, f"class folder {name!r}: the name is not UTF-8; rename it") from None
+        videos = sorted(p for p in (root / name).iterdir() if p.name.lower().endswith(VIDEO_EXTENSIONS))
+        if not videos:
+            raise AnnotationError(root / name, None, f"a class folder without videos ({', '.join(VIDEO_EXTENSIONS)}): "
+                                                     f"every folder of {os.fspath(root)} is a class; add its videos "
+                                                     f"or move the folder out")
+        records += [VideoRecord(str(p), (i,)) for p in videos]
     return Annotations(records, names)
 
 
@@ -205,35 +247,32 @@ def read_charades_csv(path, root, classes: Sequence[str] | str | None = None, ex
     11.90 21.20;c147 0.00 12.60``), spans kept in ``segments``. ``classes``: names or
     ``Charades_v1_classes.txt``; default ``c000`` .. ``c156``."""
     path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(path, None, "no such annotation file")
     names = _class_names(classes) or [f"c{i:03d}" for i in range(CHARADES_CLASSES)]
     records, missing = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"id", "actions"} <= set(reader.fieldnames):
-            raise AnnotationError(path, 1, f"expected a Charades header with id and actions, got {reader.fieldnames}")
-        for row in reader:
-            number = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise AnnotationError(path, number, "expected as many fields as the header")
-            segments = []
-            for action in filter(None, (a.strip() for a in row["actions"].split(";"))):
-                parts = action.split()
-                if len(parts) != 3 or not re.fullmatch(r"c\d{3}", parts[0]):
-                    raise AnnotationError(path, number, f"actions: expected 'cNNN start end', got {action!r}")
-                index = int(parts[0][1:])
-                if index >= len(names):
-                    raise AnnotationError(path, number, f"actions: class {parts[0]} is not one of {len(names)}")
-                try:
-                    segments.append((index, float(parts[1]), float(parts[2])))
-                except ValueError:
-                    raise AnnotationError(path, number, f"actions: expected seconds in {action!r}") from None
-            video = Path(root) / f"{row['id'].strip()}{extension}"
-            if not video.is_file():
-                missing.append(str(video))
-                continue
-            records.append(VideoRecord(str(video), tuple(sorted({s[0] for s in segments})), tuple(segments)))
+    reader = csv.DictReader(_text(path))
+    if reader.fieldnames is None or not {"id", "actions"} <= set(reader.fieldnames):
+        raise AnnotationError(path, 1, f"expected a Charades header with id and actions, got {reader.fieldnames}")
+    for row in reader:
+        number = reader.line_num
+        if None in row or any(v is None for v in row.values()):
+            raise AnnotationError(path, number, "expected as many fields as the header")
+        segments = []
+        for action in filter(None, (a.strip() for a in row["actions"].split(";"))):
+            parts = action.split()
+            if len(parts) != 3 or not re.fullmatch(r"c\d{3}", parts[0]):
+                raise AnnotationError(path, number, f"actions: expected 'cNNN start end', got {action!r}")
+            index = int(parts[0][1:])
+            if index >= len(names):
+                raise AnnotationError(path, number, f"actions: class {parts[0]} is not one of {len(names)}")
+            try:
+                segments.append((index, float(parts[1]), float(parts[2])))
+            except ValueError:
+                raise AnnotationError(path, number, f"actions: expected seconds in {action!r}") from None
+        video = Path(root) / f"{row['id'].strip()}{extension}"
+        if not video.is_file():
+            missing.append(str(video))
+            continue
+        records.append(VideoRecord(str(video), tuple(sorted({s[0] for s in segments})), tuple(segments)))
     return Annotations(records, names, True, missing)
 
 
