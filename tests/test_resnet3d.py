@@ -53,6 +53,24 @@ def test_feature_map_sizes_follow_the_official_code(stem, frames):
     }
 
 
+def test_paper_stem_gives_every_stage_shape_of_table_1():
+    with torch.device("meta"):
+        model = ResNet3d(depth=50, stem="paper")
+    sizes = {}
+    for name in ("conv1", "pool1", "res2", "pool2", "res3", "res4", "res5"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sizes.update({name: tuple(o.shape[1:])}))
+    assert tuple(model(torch.empty(1, 3, 32, 224, 224, device="meta")).shape) == (1, 400)
+    assert sizes == {  # Table 1: (channels, T, H, W) of a 32 x 224 x 224 clip
+        "conv1": (64, 16, 112, 112), "pool1": (64, 8, 56, 56), "res2": (256, 8, 56, 56), "pool2": (256, 4, 56, 56),
+        "res3": (512, 4, 28, 28), "res4": (1024, 4, 14, 14), "res5": (2048, 4, 7, 7),
+    }
+    assert model.pool1.kernel_size == (3, 3, 3) and model.pool2.kernel_size == (3, 1, 1)
+    assert model.pool1.stride == (2, 2, 2) and model.pool2.stride == (2, 1, 1)
+    with torch.device("meta"):  # the same parameters as the official stem: its weights load unchanged
+        official = ResNet3d(depth=50, stem="32x2")
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+
+
 @pytest.mark.parametrize("depth, inflated", [(50, 9), (101, 18)])
 def test_i3d_inflates_every_other_block(depth, inflated):
     with torch.device("meta"):

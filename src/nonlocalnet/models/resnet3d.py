@@ -14,6 +14,9 @@ Stems (``stem``):
   pool2 [2,1,1] stride [2,1,1]; 8 frames give the same map sizes from res2 on.
 pool1 has no spatial padding, so a 224 input gives 55 x 55 at res2 as in the official code (the
 paper's table says 56); res3..res5 are 28, 14, 7 either way.
+- ``"paper"`` (Table 1 as printed): conv1 temporal stride 2, pool1 3x3x3 stride 2 and pool2 3x1x1
+  stride [2,1,1], both padded by 1 where the kernel is 3; 32 frames give 8 x 56 x 56 at res2 and
+  4 x 56 x 56 after pool2. Its weights are those of ``"32x2"`` (the pools have none).
 Two more stems carry other libraries' trained models (``nonlocalnet convert --from ...``):
 - ``"mmaction2"`` (mmaction2 ``ResNet3d`` I3D, its 32x2 models): conv1 temporal stride 2, pool1
   [1,3,3] stride [2,2,2] padded [0,1,1], pool2 [2,1,1]; 32 frames give T = 8 at res2, 56 x 56.
@@ -39,11 +42,12 @@ DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
 INFLATIONS = ("c2d", "3x1x1", "3x3x3")
 STEMS = {
-    # conv1 stride, pool1 kernel, pool1 stride, pool1 padding, pool2 kernel = stride
-    "32x2": ((2, 2, 2), (2, 3, 3), (2, 2, 2), (0, 0, 0), (2, 1, 1)),
-    "8x8": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (0, 0, 0), (2, 1, 1)),
-    "mmaction2": ((2, 2, 2), (1, 3, 3), (2, 2, 2), (0, 1, 1), (2, 1, 1)),
-    "slowfast": ((1, 2, 2), (1, 3, 3), (1, 2, 2), (0, 1, 1), (2, 1, 1)),
+    # conv1 stride, pool1 (kernel, stride, padding), pool2 (kernel, stride, padding)
+    "32x2": ((2, 2, 2), ((2, 3, 3), (2, 2, 2), (0, 0, 0)), ((2, 1, 1), (2, 1, 1), (0, 0, 0))),
+    "8x8": ((1, 2, 2), ((1, 3, 3), (1, 2, 2), (0, 0, 0)), ((2, 1, 1), (2, 1, 1), (0, 0, 0))),
+    "paper": ((2, 2, 2), ((3, 3, 3), (2, 2, 2), (1, 1, 1)), ((3, 1, 1), (2, 1, 1), (1, 0, 0))),
+    "mmaction2": ((2, 2, 2), ((1, 3, 3), (2, 2, 2), (0, 1, 1)), ((2, 1, 1), (2, 1, 1), (0, 0, 0))),
+    "slowfast": ((1, 2, 2), ((1, 3, 3), (1, 2, 2), (0, 1, 1)), ((2, 1, 1), (2, 1, 1), (0, 0, 0))),
 }
 OFFICIAL_PIXELS = (114.75, 57.375)  # official MODEL.MEAN / MODEL.STD: what the data pipeline gives
 
@@ -206,13 +210,13 @@ class ResNet3d(nn.Module):
             raise ValueError(f"bn_eps: expected a positive float, got {bn_eps!r}")
         self.bn_eps = float(bn_eps)
         self._set_pixels(pixel_mean, pixel_std)
-        conv1_stride, pool1_kernel, pool1_stride, pool1_padding, pool2 = STEMS[stem]
+        conv1_stride, pool1, pool2 = STEMS[stem]
         t1 = 1 if inflation == "c2d" else 5
         self.conv1 = nn.Conv3d(3, width, (t1, 7, 7), stride=conv1_stride, padding=(t1 // 2, 3, 3), bias=False)
         self.res_conv1_bn = _norm(width, frozen_bn, self.bn_eps)
         self.relu = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool3d(pool1_kernel, pool1_stride, pool1_padding)
-        self.pool2 = nn.MaxPool3d(pool2, pool2)
+        self.pool1 = nn.MaxPool3d(*pool1)
+        self.pool2 = nn.MaxPool3d(*pool2)
         inflated = inflated_blocks(counts) if inflation != "c2d" else {}
         in_channels = width
         for index, (name, blocks) in enumerate(zip(STAGES, counts)):
