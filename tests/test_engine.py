@@ -119,19 +119,44 @@ def test_mixed_precision_needs_cuda():
         engine._autocast("fp8", torch.device("cpu"))
 
 
-def test_precise_bn_is_the_average_of_batch_statistics():
+def _bn_and_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(3, 5, 1), nn.BatchNorm3d(5), nn.Dropout(0.5))
-    batches = [{"clip": torch.randn(2, 3, 2, 4, 4) * (i + 1) + i} for i in range(3)]
-    features = [model[0](b["clip"]).detach() for b in batches]
-    mean = torch.stack([f.mean((0, 2, 3, 4)) for f in features]).mean(0)
-    var = torch.stack([f.transpose(0, 1).flatten(1).var(1, unbiased=True) for f in features]).mean(0)
+    batches = [{"clip": torch.randn(2, 3, 2, 4, 4) * (i + 1) + 3 * i} for i in range(3)]  # shifted batches
+    return model, batches, [model[0](b["clip"]).detach().transpose(0, 1).flatten(1) for b in batches]
+
+
+def test_precise_bn_is_the_population_statistics_of_all_batches():
+    """The official recompute: mean and E[x^2] averaged over the batches, var = E[x^2] - mean^2,
+    which is the biased variance of all the batches taken together (equal-sized batches)."""
+    model, batches, features = _bn_and_batches()
+    together = torch.cat(features, 1)  # (C, all positions of all batches)
     state = torch.get_rng_state()
     assert engine.precise_bn(model, batches, torch.device("cpu")) == 3
     assert torch.equal(torch.get_rng_state(), state)  # training randomness untouched
-    torch.testing.assert_close(model[1].running_mean, mean)
-    torch.testing.assert_close(model[1].running_var, var)
-    assert model[1].momentum == 0.1
+    torch.testing.assert_close(model[1].running_mean, together.mean(1))
+    torch.testing.assert_close(model[1].running_var, together.var(1, unbiased=False))
+    means = torch.stack([f.mean(1) for f in features])  # the spread of the batch means counts:
+    within = torch.stack([f.var(1, unbiased=False) for f in features]).mean(0)
+    torch.testing.assert_close(model[1].running_var, within + means.var(0, unbiased=False))
+    assert (means.var(0) > 0.1 * within).any()  # and is not negligible in this test
+    assert model[1].momentum == 0.1 and model[1].training
+
+
+def test_precise_bn_average_of_batch_variances_as_pyslowfast():
+    model, batches, features = _bn_and_batches()
+    assert engine.precise_bn(model, batches, torch.device("cpu"), variance="average") == 3
+    torch.testing.assert_close(model[1].running_mean, torch.stack([f.mean(1) for f in features]).mean(0))
+    torch.testing.assert_close(model[1].running_var, torch.stack([f.var(1, unbiased=True) for f in features]).mean(0))
+    with pytest.raises(ValueError, match="precise_bn_variance: expected 'population' or 'average'"):
+        engine.precise_bn(model, batches, torch.device("cpu"), variance="pooled")
+
+
+def test_precise_bn_without_a_readable_batch_keeps_the_statistics():
+    model, _, _ = _bn_and_batches()
+    model[1].running_mean.fill_(0.25)
+    assert engine.precise_bn(model, [{"skipped": []}], torch.device("cpu")) == 0
+    assert torch.equal(model[1].running_mean, torch.full((5,), 0.25))
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -218,12 +243,12 @@ def test_unreadable_videos_are_skipped_counted_and_logged(synthetic, tmp_path, c
     lines[4] = f"{tmp_path / 'missing.mp4'} 0"
     lines[7] = f"{tmp_path / 'junk.mp4'} 1"
     (tmp_path / "train.txt").write_text("".join(f"{synthetic / x.split()[0]} {x.split()[1]}\n" for x in lines))
-    cfg = tiny_config(synthetic, **{"data.train": tmp_path / "train.txt", "data.root": "/", "optim.iterations": 8})
+    cfg = tiny_config(synthetic, **{"data.train": tmp_path / "train.txt", "optim.iterations": 8})
     with caplog.at_level("WARNING", logger="nonlocalnet"):
         result = engine.fit(cfg, tmp_path / "run")
-    assert result["skipped_train_clips"] >= 3  # each bad video once per epoch; 2 epochs of 4 steps
+    assert result["skipped_train_clips"] >= 2  # each bad video once per epoch; 2 epochs of 4 steps
     named = " ".join(r.getMessage() for r in caplog.records)
-    for name in ("empty.mp4: empty file", "missing.mp4: no such file", "junk.mp4"):
+    for name in ("empty.mp4: empty file", "junk.mp4", "train: 1 annotated videos not found", "missing.mp4"):
         assert name in named
     assert _state(tmp_path / "run" / "checkpoint.pt")["iteration"] == 8
 

@@ -82,6 +82,9 @@ class TrainConfig:
     seed: int = 0
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     precise_bn: int = 200  # training batches for re-estimating BN statistics before evaluation (0: off)
+    # population: the official recompute, E[x^2] - E[x]^2 over all those batches; average: PySlowFast's
+    # mean of the batch variances (leaves out the spread of the batch means)
+    precise_bn_variance: str = "population"
     checkpoint_every: int = 1000
     eval_every: int = 0  # 0: only at the end
     log_every: int = 20
@@ -224,6 +227,9 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     if cfg.data.test_crop > cfg.data.test_scale:
         raise ValueError(f"data.test_crop: expected at most data.test_scale ({cfg.data.test_scale}), "
                          f"got {cfg.data.test_crop}")
+    if cfg.train.precise_bn_variance not in ("population", "average"):
+        raise ValueError(f"train.precise_bn_variance: expected 'population' or 'average', "
+                         f"got {cfg.train.precise_bn_variance!r}")
     if not 0 <= cfg.model.dropout < 1:
         raise ValueError(f"model.dropout: expected a probability in [0, 1), got {cfg.model.dropout}")
     _check_amp(cfg.train.amp)

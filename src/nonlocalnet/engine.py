@@ -336,34 +336,56 @@ def _report_skipped(skipped, seen: set) -> int:
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, batches, device: torch.device, amp: str = "none") -> int:
-    """Re-estimate every BatchNorm's statistics as the plain average of the batch statistics over
-    ``batches`` (official precise BN), averaged across ranks. The RNG is left as it was."""
+def precise_bn(model: nn.Module, batches, device: torch.device, amp: str = "none", *,
+               variance: str = "population") -> int:
+    """Re-estimate every BatchNorm's statistics from ``batches`` run in training mode (official
+    precise BN): the mean is the average of the batch means, over every batch of every rank.
+
+    ``variance``: ``"population"`` (the official recompute): E[x^2] averaged over the batches
+    minus the squared mean, the variance of all the batches taken together, so the spread of the
+    batch means counts; ``"average"`` (PySlowFast): the average of the (unbiased) batch variances.
+    Returns the number of batches used; with none the statistics are left as they were. The RNG is
+    left as it was."""
+    if variance not in ("population", "average"):
+        raise ValueError(f"train.precise_bn_variance: expected 'population' or 'average', got {variance!r}")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
+    # per norm: sums over batches of the mean, E[x^2] and the unbiased variance (float64, per channel)
+    sums = [torch.zeros(3, m.num_features, dtype=torch.float64, device=device) for m in norms]
+
+    def record(index: int):
+        def hook(module, inputs):
+            x = inputs[0].detach().float().transpose(0, 1).flatten(1)  # (C, N*T*H*W)
+            var, mean = torch.var_mean(x, dim=1, correction=0)
+            unbiased = var * (x.shape[1] / max(x.shape[1] - 1, 1))
+            sums[index] += torch.stack([mean, var + mean * mean, unbiased]).double()
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(norms)]
     training = model.training
     model.train()
     count = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in batches:
-            if "clip" not in batch:
-                continue
-            with _autocast(amp, device):
-                model(batch["clip"].to(device, non_blocking=True))
-            count += 1
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    if dist.world_size() > 1:
-        for m in norms:
-            for buffer in (m.running_mean, m.running_var):
-                dist.all_reduce_sum(buffer)
-                buffer /= dist.world_size()
-    model.train(training)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for batch in batches:
+                if "clip" not in batch:
+                    continue
+                with _autocast(amp, device):
+                    model(batch["clip"].to(device, non_blocking=True))
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    total = int(dist.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)).item())
+    if total == 0:
+        log.warning("precise BN: no batch could be read; the BN statistics are kept as they were")
+        return 0
+    for m, s in zip(norms, sums):
+        mean, square, unbiased = dist.all_reduce_sum(s) / total
+        m.running_mean.copy_(mean)
+        m.running_var.copy_((square - mean * mean).clamp_min(0) if variance == "population" else unbiased)
     return count
 
 
@@ -644,7 +666,7 @@ def _evaluate_run(net, cfg: Config, train_set, val_ann, device, window, iteratio
         sampler = ClipSampler(len(train_set), cfg.optim.batch_size, accumulate=cfg.optim.accumulate,
                               world=dist.world_size(), rank=dist.rank(), seed=_seed(cfg.train.seed, 1, iteration))
         batches = _batches(sampler, train_set, cfg.data.workers, cfg.train.precise_bn * sampler.accumulate)
-        precise_bn(model, batches, device, cfg.train.amp)
+        precise_bn(model, batches, device, cfg.train.amp, variance=cfg.train.precise_bn_variance)
     result = evaluate(model, eval_dataset(val_ann, cfg.data), batch_size=max(1, cfg.optim.batch_size //
                       (dist.world_size() * cfg.optim.accumulate)), workers=cfg.data.workers, device=device,
                       window=window, amp=cfg.train.amp)
