@@ -51,6 +51,8 @@ class DataConfig:
     test_clips: int = 10  # paper §4.1: 10 clips x 3 crops
     test_crops: int = 3
     workers: int = 4
+    # stop when more than this share of the videos is missing or unreadable (of at least 50 drawn; 1: never)
+    max_unreadable: float = 0.2
     # synthetic set (dataset: synthetic)
     synthetic_train: int = 960  # videos
     synthetic_val: int = 200
@@ -127,6 +129,8 @@ class DetectDataConfig:
     flip: bool = True  # random horizontal flip in training (keypoints: left and right swapped)
     drop_empty: bool = True  # training skips images without annotations (Detectron's filter)
     workers: int = 2
+    # stop when more than this share of the images is missing or unreadable (of at least 50 drawn; 1: never)
+    max_unreadable: float = 0.2
     shapes_train: int = 64  # images
     shapes_val: int = 16
     shapes_size: List[int] = field(default_factory=lambda: [96, 128])  # height, width
@@ -167,6 +171,11 @@ def _at_least(low: int, values: dict) -> None:
             raise ValueError(f"{key}: expected {'a positive int' if low == 1 else f'an int >= {low}'}, got {value}")
 
 
+def _check_share(key: str, value: float) -> None:
+    if not 0 <= value <= 1:  # also NaN
+        raise ValueError(f"{key}: expected a share in [0, 1] (1: off), got {value}")
+
+
 def _check_optim(cfg: OptimConfig) -> None:
     _at_least(1, {"optim.batch_size": cfg.batch_size, "optim.accumulate": cfg.accumulate,
                   "optim.iterations": cfg.iterations})
@@ -205,6 +214,7 @@ def _check_detect(cfg: DetectConfig) -> DetectConfig:
                   "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
                   "train.eval_batch_size": t.eval_batch_size})
     _at_least(0, {"data.workers": d.workers, "train.eval_every": t.eval_every})
+    _check_share("data.max_unreadable", d.max_unreadable)
     return cfg
 
 
@@ -219,6 +229,7 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
                   "train.log_every": cfg.train.log_every, "model.width": cfg.model.width})
     _at_least(0, {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
                   "train.eval_every": cfg.train.eval_every})
+    _check_share("data.max_unreadable", cfg.data.max_unreadable)
     if cfg.data.test_crops not in (1, 3):
         raise ValueError(f"data.test_crops: expected 1 or 3, got {cfg.data.test_crops}")
     if len(cfg.data.scales) != 2 or not 0 < cfg.data.scales[0] <= cfg.data.scales[1] or cfg.data.crop > cfg.data.scales[0]:

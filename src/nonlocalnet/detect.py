@@ -41,9 +41,10 @@ from . import distributed as dist
 from .config import DetectConfig, DetectDataConfig, DetectModelConfig
 from .data.coco import CocoDetection
 from .data.datasets import Skipped
-from .engine import (ClipSampler, _autocast, _Logger, _loader, _seed, _total, _unwrap, _write_atomic,
-                     generated_set, load_initial, param_groups, read_run, run_job, save_run, start_run,
-                     train_loop)
+from ._json import dumps as json_dumps
+from .engine import (ClipSampler, UnreadableDataError, _autocast, _Logger, _loader, _seed, _total, _unwrap,
+                     _write_atomic, check_unreadable, generated_set, load_initial, load_model_state, param_groups,
+                     read_run, run_job, save_run, start_run, train_loop)
 
 __all__ = ["STAT_NAMES", "LOSSES", "to_coco_results", "coco_evaluate", "keypoint_flip_map", "hflip", "ImageItems",
            "collate_images", "build_detector", "build_datasets", "fit", "train_job", "summary_table",
@@ -362,6 +363,10 @@ def fit(cfg: DetectConfig, out: str | os.PathLike, *, resume: bool = False, name
     world, rank = dist.world_size(), dist.rank()
     task = cfg.model.task
     train_set, val_set = build_datasets(cfg.data, task)
+    for split, ds in (("train", train_set), ("val", val_set)):
+        missing = ds.skipped.get("image file missing", 0)
+        check_unreadable(missing, missing + len(ds), cfg.data.max_unreadable, f"images of data.{split}_annotations",
+                         f"not found in data.{split}_images")
     if cfg.data.dataset == "coco" and not (cfg.model.backbone_weights or cfg.model.weights):
         log.warning("model.backbone_weights is empty: the backbone trains from scratch (the paper fine-tunes "
                     "from ImageNet)")
@@ -398,18 +403,16 @@ def fit(cfg: DetectConfig, out: str | os.PathLike, *, resume: bool = False, name
             torch.manual_seed(_seed(cfg.train.seed, 2, run.iteration, rank * sampler.accumulate + m))
             losses = net([image.to(device, non_blocking=True) for image in images],
                          [_to(target, device) for target in targets])
-        loss = sum(losses.values())
-        if weight and not torch.isfinite(loss).item() and cfg.train.amp != "fp16":
-            raise FloatingPointError(f"the loss is {loss.item()} at iteration {run.iteration} "
-                                     f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower optim.lr "
-                                     f"or set optim.clip_grad_norm")
+        loss = sum(losses.values())  # a non-finite one stops the run in train_loop (through the meter)
         scaler.scale(loss * weight / sampler.accumulate).backward()
         if weight:
             run.meter += torch.tensor([losses[k].item() for k in losses_of] + [1.0, len(images)], dtype=torch.float64)
         return True
 
     def summarize(meter: torch.Tensor, elapsed: float) -> dict:
-        steps = max(meter[-2].item(), 1)
+        steps = meter[-2].item()
+        if not steps:  # no losses for a window whose images were all unreadable
+            return {"images_per_s": 0.0}
         return {"loss": meter[:-2].sum().item() / steps, **{k: meter[i].item() / steps for i, k in enumerate(losses_of)},
                 "images_per_s": meter[-1].item() / elapsed}
 
@@ -432,14 +435,22 @@ def fit(cfg: DetectConfig, out: str | os.PathLike, *, resume: bool = False, name
         result = _evaluate_run(model, cfg, val_set, device, iteration)
     result["skipped_train_images"] = _total(skipped)
     if dist.is_main():
-        _write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
+        _write_atomic(out / "result.json", json_dumps(result, indent=1) + "\n")
     return result
 
 
 def _evaluate_run(model, cfg: DetectConfig, val_set, device, iteration: int) -> dict:
     report = coco_evaluate(_unwrap(model), val_set, IOU_TYPES[cfg.model.task], device=device,
                            batch_size=cfg.train.eval_batch_size, workers=cfg.data.workers, amp=cfg.train.amp)
-    return {"iteration": iteration, **report}
+    return {"iteration": iteration, **_scored(report, val_set)}
+
+
+def _scored(report: dict, dataset: CocoDetection) -> dict:
+    """``report``, or an :class:`~nonlocalnet.engine.UnreadableDataError` when no image was scored."""
+    if not report["images"]:
+        raise UnreadableDataError(f"data.val_images: none of the {len(dataset)} validation images could be read "
+                                  f"({report['skipped_images']} skipped); nothing to evaluate")
+    return report
 
 
 def _without_nonlocal(cfg: DetectConfig) -> DetectConfig:
@@ -482,7 +493,7 @@ def load_detector(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tup
     model_cfg.weights = model_cfg.backbone_weights = ""
     names = list(state.get("keypoint_names", []))
     model = build_detector(model_cfg, len(state["category_ids"]) + 1, len(names))
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path, "weights")
     return model.eval(), cfg, {"category_ids": list(state["category_ids"]), "keypoint_names": names}
 
 
@@ -500,5 +511,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: DetectConfig | None 
     if val.category_ids != labels["category_ids"]:
         raise ValueError(f"weights: the model's categories {labels['category_ids'][:8]} differ from the validation "
                          f"set's {val.category_ids[:8]}")
-    return coco_evaluate(model, val, IOU_TYPES[saved.model.task], device=device, batch_size=batch_size,
-                         workers=cfg.data.workers, amp=cfg.train.amp)
+    return _scored(coco_evaluate(model, val, IOU_TYPES[saved.model.task], device=device, batch_size=batch_size,
+                                 workers=cfg.data.workers, amp=cfg.train.amp), val)

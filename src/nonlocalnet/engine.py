@@ -38,18 +38,46 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ._json import dumps as json_dumps
+from .checkpoint import load_checkpoint, non_finite, previous_path, remove_stale_temporaries, rng_state, save_checkpoint, \
+    set_rng_state
 from .config import Config, DataConfig, ModelConfig, OptimConfig, merge_overrides, to_yaml
 from .data.datasets import (Annotations, VideoDataset, VideoRecord, collate, read_charades_csv, read_class_folders,
                             read_kinetics_csv, read_list)
+from .lock import LockedError, exclusive
 from .metrics import classification_report, plot_confusion
 from .models import Affine3d, ResNet3d, create_model, merge_options
 
 __all__ = ["ClipSampler", "clip_gradients", "build_model", "load_initial", "build_annotations", "param_groups", "learning_rate", "precise_bn",
            "evaluate", "eval_dataset", "evaluation_report", "evaluate_checkpoint", "fit", "train_job", "summary_table",
-           "predict", "load_trained", "read_run", "start_run", "save_run", "run_job", "Run", "train_loop"]
+           "predict", "load_trained", "read_run", "start_run", "save_run", "run_job", "Run", "train_loop",
+           "DivergedError", "UnreadableDataError", "UNREADABLE_FLOOR", "check_unreadable", "val_annotations",
+           "load_model_state"]
 
 log = logging.getLogger("nonlocalnet")
+
+#: the share of unreadable items (``data.max_unreadable``) is judged over at least this many items,
+#: so that one bad video among the first few does not stop a run
+UNREADABLE_FLOOR = 50
+
+
+class DivergedError(ValueError):
+    """Training diverged (a non-finite loss or non-finite weights); the last good checkpoint is kept."""
+
+
+class UnreadableDataError(ValueError):
+    """More of the data could not be read than ``data.max_unreadable`` allows, or none of it."""
+
+
+def check_unreadable(unreadable: int, seen: int, limit: float, what: str, example: str = "") -> None:
+    """An :class:`UnreadableDataError` when ``unreadable`` of ``seen`` items (``what``: e.g.
+    ``"training clips"``) exceed the share ``limit`` (``data.max_unreadable``) of ``seen``, counted
+    as at least :data:`UNREADABLE_FLOOR` items."""
+    if unreadable > limit * max(seen, UNREADABLE_FLOOR):
+        raise UnreadableDataError(
+            f"data.max_unreadable: {unreadable} of {seen} {what} could not be read ({unreadable / max(seen, 1):.0%}; "
+            f"at most {limit:g} of {max(seen, UNREADABLE_FLOOR)} may be){f', e.g. {example}' if example else ''}; "
+            f"check the files and data.root, or raise data.max_unreadable (1: never stop)")
 
 
 def _seed(*parts: int) -> int:
@@ -266,44 +294,67 @@ def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
 def build_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
     """Training and validation annotations of ``cfg.dataset``; validation takes training's classes
     and its single- or multi-label kind. Single-label sets must label every entry."""
-    train, val = _read_annotations(cfg)
-    val.multilabel = train.multilabel = train.multilabel or val.multilabel
-    for split, ann in (("train", train), ("val", val)):
-        if not ann.records:
-            found = f"; none of its {len(ann.missing)} videos was found (data.root: {cfg.root!r})" if ann.missing else ""
-            raise ValueError(f"data.{split}: no usable entries{found}")
-        unlabelled = [r.path for r in ann.records if not r.labels]
-        if unlabelled and not ann.multilabel:
-            raise ValueError(f"data.{split}: {len(unlabelled)} entries have no label, e.g. {unlabelled[0]!r}; "
-                             f"training and validation need labels")
-    return train, val
-
-
-def _read_annotations(cfg: DataConfig) -> tuple[Annotations, Annotations]:
     kind = cfg.dataset
     if kind == "synthetic":
         root = _synthetic(cfg)
-        return (read_list(root / "train.txt", classes=root / "classes.txt"),
-                read_list(root / "val.txt", classes=root / "classes.txt"))
-    for name in ("train", "val"):
-        if not getattr(cfg, name):
-            raise ValueError(f"data.{name}: dataset {kind!r} needs an annotation file (or folder), got nothing")
-    classes = cfg.classes or None
-    if kind == "list":
-        train = read_list(cfg.train, cfg.root or None, classes)
-        return train, read_list(cfg.val, cfg.root or None, train.classes)
-    if kind == "kinetics":
-        train = read_kinetics_csv(cfg.train, cfg.root, classes)
-        return train, read_kinetics_csv(cfg.val, cfg.root, train.classes)
-    if kind == "folders":
-        train, val = read_class_folders(cfg.train), read_class_folders(cfg.val)
-        if val.classes != train.classes:
+        train, val = (read_list(root / f"{split}.txt", classes=root / "classes.txt") for split in ("train", "val"))
+    else:
+        for name in ("train", "val"):
+            if not getattr(cfg, name):
+                raise ValueError(f"data.{name}: dataset {kind!r} needs an annotation file (or folder), got nothing")
+        train = _read_split(cfg, "train", cfg.classes or None)
+        val = _read_split(cfg, "val", train.classes)
+        if kind == "folders" and val.classes != train.classes:
             raise ValueError(f"data.val: class folders {val.classes[:5]}... differ from data.train's")
-        return train, val
+    val.multilabel = train.multilabel = train.multilabel or val.multilabel
+    for split, ann in (("train", train), ("val", val)):
+        _check_split(cfg, split, ann)
+    return train, val
+
+
+def val_annotations(cfg: DataConfig, classes: Sequence[str], multilabel: bool = False) -> Annotations:
+    """The validation annotations alone (``cfg.val``; ``cfg.train`` is not read), labelled by a
+    trained model's ``classes`` unless ``cfg.classes`` names a file (class folders: by their names),
+    single- or multi-label as the model."""
+    if cfg.dataset == "synthetic":
+        root = _synthetic(cfg)
+        val = read_list(root / "val.txt", classes=root / "classes.txt")
+    else:
+        if not cfg.val:
+            raise ValueError(f"data.val: dataset {cfg.dataset!r} needs an annotation file (or folder), got nothing")
+        val = _read_split(cfg, "val", cfg.classes or list(classes))
+    val.multilabel = val.multilabel or multilabel
+    _check_split(cfg, "val", val)
+    return val
+
+
+def _read_split(cfg: DataConfig, split: str, classes) -> Annotations:
+    """``cfg.<split>``'s annotations of a data set on disk, with ``classes`` (names, a file or None)."""
+    kind, path = cfg.dataset, getattr(cfg, split)
+    if kind == "list":
+        return read_list(path, cfg.root or None, classes)
+    if kind == "kinetics":
+        return read_kinetics_csv(path, cfg.root, classes)
+    if kind == "folders":
+        return read_class_folders(path)
     if kind == "charades":
-        train = read_charades_csv(cfg.train, cfg.root, classes)
-        return train, read_charades_csv(cfg.val, cfg.root, train.classes)
+        return read_charades_csv(path, cfg.root, classes)
     raise ValueError(f"data.dataset: expected synthetic, list, kinetics, folders or charades, got {kind!r}")
+
+
+def _check_split(cfg: DataConfig, split: str, ann: Annotations) -> None:
+    """Entries to use, each labelled (single-label), and not too many missing (``data.max_unreadable``)."""
+    if not ann.records:
+        found = f"; none of its {len(ann.missing)} videos was found (data.root: {cfg.root!r})" if ann.missing else ""
+        raise ValueError(f"data.{split}: no usable entries{found}")
+    unlabelled = [r.path for r in ann.records if not r.labels]
+    if unlabelled and not ann.multilabel:
+        raise ValueError(f"data.{split}: {len(unlabelled)} entries have no label, e.g. {unlabelled[0]!r}; "
+                         f"training and validation need labels")
+    if ann.missing:
+        log.warning("%s: %d annotated videos not found, e.g. %s", split, len(ann.missing), ann.missing[:3])
+        check_unreadable(len(ann.missing), len(ann.missing) + len(ann.records), cfg.max_unreadable,
+                         f"videos listed in data.{split}", f"{ann.missing[0]} (not found)")
 
 
 def _train_dataset(annotations: Annotations, cfg: DataConfig) -> VideoDataset:
@@ -430,7 +481,12 @@ def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, wo
 
 
 def evaluation_report(result: dict, multilabel: bool) -> dict:
+    """The metrics of :func:`evaluate`'s ``result`` over the videos with a view; an
+    :class:`UnreadableDataError` when no video has one (no metric to report)."""
     scored = result["views"] > 0
+    if not scored.any():
+        raise UnreadableDataError(f"data.val: none of the {len(scored)} validation videos could be read "
+                                  f"({result['skipped']} views skipped); nothing to evaluate")
     report = classification_report(result["scores"][scored], result["targets"][scored], multilabel)
     report["videos_without_views"] = int((~scored).sum())
     report["skipped_views"] = result["skipped"]
@@ -474,7 +530,7 @@ class _Logger:
         if not self.main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_dumps(record) + "\n")
         if self.writer is not None:
             step = record["iteration"]
             for key, value in record.items():
@@ -498,11 +554,24 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 @dataclasses.dataclass
 class Run:
     """Where a training run stands: the iteration, this rank's count of unreadable items and its
-    sums since the last log record (what a checkpoint keeps per rank)."""
+    sums since the last log record (what a checkpoint keeps per rank); its checkpoint ``path``, the
+    iteration of the last checkpoint written or resumed from (``saved``, None before the first)
+    and the iteration the unreadable share is counted from (``since``, with this rank's count then,
+    ``since_skipped``: not 0 when a resume with another process count restarted it)."""
 
     iteration: int
     skipped: int
     meter: torch.Tensor
+    path: Path | None = None
+    saved: int | None = None
+    since: int = 0
+    since_skipped: int = 0
+
+    def last_good(self) -> str:
+        """Where the last good state is, for an error message."""
+        if self.saved is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint, of iteration {self.saved}, is {self.path}"
 
 
 def train_loop(cfg, run: Run, sampler: ClipSampler, loader, net: nn.Module, optimizer, scaler, logger, *, name: str,
@@ -512,13 +581,20 @@ def train_loop(cfg, run: Run, sampler: ClipSampler, loader, net: nn.Module, opti
     micro-batches per step (``micro_step(batch, m, sync) -> whether it ran backward``; the
     gradients are synchronised across ranks when ``sync``), gradient clipping and the optimizer
     step, log records every ``cfg.train.log_every`` iterations (``summarize(meter, seconds)``
-    gives the run's own fields) with a progress bar or ETA lines, ``evaluate(iteration)`` at
-    ``eval_every`` and at the end, ``save()`` every ``checkpoint_every`` and at the end. Returns
-    the last evaluation's result (None if the run was already finished)."""
+    gives the run's own fields; it leaves out those of a window without items) with a progress bar
+    or ETA lines, ``evaluate(iteration)`` at ``eval_every`` and at the end, ``save()`` every
+    ``checkpoint_every`` and at the end. Returns the last evaluation's result (None if the run was
+    already finished).
+
+    Before each optimizer step every rank learns (one all-reduce) whether any rank's loss so far
+    in the log window (``run.meter``) is not finite, and how many items all ranks could not read
+    (``unreadable(batch)``): a :class:`DivergedError` or an :class:`UnreadableDataError`
+    (``cfg.data.max_unreadable`` of the items drawn, :func:`check_unreadable`) stops every rank
+    alike, the step not taken and the checkpoint not written."""
     world = dist.world_size()
     bar = _progress(cfg.optim.iterations, run.iteration, cfg.train.progress, name or "train")
     names: set = set()
-    result = None
+    result, example = None, ""
     tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
     started, first_iteration = tick, run.iteration
     try:
@@ -539,8 +615,12 @@ def train_loop(cfg, run: Run, sampler: ClipSampler, loader, net: nn.Module, opti
                     t0 = time.perf_counter()
                     batch = next(batches)
                     data_time += time.perf_counter() - t0
-                    run.skipped += _report_skipped(unreadable(batch), names)
+                    bad = unreadable(batch)
+                    run.skipped += _report_skipped(bad, names)
+                    if bad:
+                        example = f"{bad[0].path}: {bad[0].reason}"
                     backward |= micro_step(batch, m, m == sampler.accumulate - 1 or world == 1)
+                _check_step(cfg, run, example)
                 if backward:
                     clip_gradients(optimizer, scaler, cfg.optim.clip_grad_norm)
                     scaler.step(optimizer)
@@ -556,25 +636,38 @@ def train_loop(cfg, run: Run, sampler: ClipSampler, loader, net: nn.Module, opti
                               **summarize(run.meter, max(time.perf_counter() - tick, 1e-9)),
                               "data_s_per_iter": data_time / max(window_iterations, 1), "skipped": _total(run.skipped)}
                     logger(record)
+                    loss = f"{record['loss']:.4f}" if "loss" in record else "-"  # a window without items
                     if bar is not None and not bar.disable:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
+                        bar.set_postfix(loss=loss, lr=f"{lr:.2g}")
                     elif dist.is_main():
                         rate = (run.iteration - first_iteration) / max(time.perf_counter() - started, 1e-9)
                         eta = (cfg.optim.iterations - run.iteration) / max(rate, 1e-9)
-                        log.info("%s iter %d/%d loss %.4f lr %.3g %.1f %s/s eta %d:%02d", name or "train", run.iteration,
-                                 cfg.optim.iterations, record["loss"], lr, record[f"{unit}_per_s"], unit, eta // 60,
-                                 eta % 60)
+                        log.info("%s iter %d/%d loss %s lr %.3g %.1f %s/s eta %d:%02d", name or "train", run.iteration,
+                                 cfg.optim.iterations, loss, lr, record[f"{unit}_per_s"], unit, eta // 60, eta % 60)
                     run.meter.zero_()
                     tick, data_time, window_iterations = time.perf_counter(), 0.0, 0
                 if last or (cfg.train.eval_every and run.iteration % cfg.train.eval_every == 0):
                     result = evaluate(run.iteration)
                 if last or run.iteration % cfg.train.checkpoint_every == 0:
                     save()
+                    run.saved = run.iteration
     finally:
         if bar is not None:
             bar.close()
         logger.close()
     return result
+
+
+def _check_step(cfg, run: Run, example: str) -> None:
+    """:func:`train_loop`'s checks before a step, the same on every rank."""
+    status = torch.tensor([float(not torch.isfinite(run.meter).all()), float(run.skipped - run.since_skipped)],
+                          dtype=torch.float64)
+    dist.all_reduce_sum(status)
+    if status[0]:
+        raise DivergedError(f"training diverged: the loss is not finite at iteration {run.iteration + 1}; "
+                            f"{run.last_good()} (lower optim.lr, or set optim.clip_grad_norm or optim.warmup)")
+    seen = (run.iteration + 1 - run.since) * cfg.optim.batch_size
+    check_unreadable(int(status[1].item()), seen, cfg.data.max_unreadable, "training items drawn so far", example)
 
 
 def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str = "") -> dict:
@@ -584,9 +677,6 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
     device = dist.setup()
     world, rank = dist.world_size(), dist.rank()
     train_ann, val_ann = build_annotations(cfg.data)
-    for split, ann in (("train", train_ann), ("val", val_ann)):
-        if ann.missing:
-            log.warning("%s: %d annotated videos not found, e.g. %s", split, len(ann.missing), ann.missing[:3])
     multilabel = train_ann.multilabel
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(train_ann.classes)).to(device)
@@ -625,9 +715,12 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
         return True
 
     def summarize(meter: torch.Tensor, elapsed: float) -> dict:
-        record = {"loss": meter[0].item() / max(meter[2].item(), 1), "clips_per_s": meter[2].item() / elapsed}
+        clips = meter[2].item()
+        if not clips:  # no loss nor accuracy for a window whose clips were all unreadable
+            return {"clips_per_s": 0.0}
+        record = {"loss": meter[0].item() / clips, "clips_per_s": clips / elapsed}
         if not multilabel:
-            record["top1"] = meter[1].item() / max(meter[2].item(), 1)
+            record["top1"] = meter[1].item() / clips
         return record
 
     def evaluate_now(iteration: int) -> dict:
@@ -651,7 +744,7 @@ def fit(cfg: Config, out: str | os.PathLike, *, resume: bool = False, name: str 
     result["skipped_train_clips"] = _total(skipped)
     result["classes"] = train_ann.classes
     if dist.is_main():
-        _write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
+        _write_atomic(out / "result.json", json_dumps(result, indent=1) + "\n")
         if "confusion" in result:
             try:
                 plot_confusion(result["confusion"], train_ann.classes, out / "confusion.png", title=name or "")
@@ -701,26 +794,39 @@ def start_run(path: Path, resume: bool, model: nn.Module, optimizer, scaler, cfg
               meter_size: int, labels: dict) -> Run:
     """A new run, or (``resume``) the one checkpointed at ``path``: model, optimizer, scaler, this
     rank's RNG state, skip count and log window restored; ``labels`` (the class names or category
-    ids) must be the checkpoint's. A new run refuses to overwrite one. Writes ``config.yaml``."""
+    ids) must be the checkpoint's. A new run refuses to overwrite one; ``resume`` without a
+    checkpoint, from a checkpoint with non-finite values (a diverged run) or into a model of another
+    shape is an error naming the file. Writes ``config.yaml``."""
     if path.exists() and not resume:
         raise ValueError(f"out: {path.parent} already holds a run (checkpoint.pt); pass --resume to continue it or "
                          f"choose another --out")
-    run = Run(0, 0, torch.zeros(meter_size, dtype=torch.float64))
-    if resume and path.exists():
+    if resume and not path.exists():
+        raise ValueError(f"out: {path.parent} holds no run to resume (no checkpoint.pt); drop --resume to start one")
+    run = Run(0, 0, torch.zeros(meter_size, dtype=torch.float64), path)
+    if resume:
         state = load_checkpoint(path)
         for key, value in labels.items():
             if state[key] != value:
                 raise ValueError(f"resume: the checkpoint's {key} differ from the data's ({len(state[key])}: "
                                  f"{state[key][:5]}... vs {len(value)}: {value[:5]}...)")
-        model.load_state_dict(state["model"])
+        bad = non_finite(state["model"]) + non_finite(state["optimizer"])
+        if bad:
+            previous = previous_path(path)
+            way = (f"resume from the one before it: move {previous} to {path}" if os.path.exists(previous) else
+                   "start again with a lower optim.lr")
+            raise DivergedError(f"resume: {path} holds non-finite values ({len(bad)} tensors, e.g. {bad[:3]}): the run "
+                                f"had diverged; {way}")
+        load_model_state(model, state["model"], path, "resume")
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when the run so far had no fp16 scaler
             scaler.load_state_dict(state["scaler"])
         rank = dist.rank()
         set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
-        run.iteration = state["iteration"]
+        run.iteration = run.saved = state["iteration"]
         if rank < len(state["skipped"]):  # another process count restarts the counts and the log window
             run.skipped, run.meter = state["skipped"][rank], state["meter"][rank].clone()
+        if len(state["skipped"]) != dist.world_size():  # and the unreadable share, alike on every rank
+            run.since, run.since_skipped = run.iteration, run.skipped
         log.info("%sresuming %s at iteration %d", f"{name}: " if name else "", path, run.iteration)
         if state["config"] != to_yaml(cfg):
             log.warning("resume: the configuration differs from the checkpoint's; the run goes on with the new one")
@@ -733,9 +839,16 @@ def start_run(path: Path, resume: bool, model: nn.Module, optimizer, scaler, cfg
 def save_run(path, model, optimizer, scaler, iteration: int, cfg, per_rank: dict, **fields) -> None:
     """A training checkpoint, written by rank 0: model, optimizer, scaler, iteration, configuration,
     ``fields``, and every rank's RNG state and ``per_rank`` values, gathered as lists (key -> [rank 0's,
-    rank 1's, ...])."""
+    rank 1's, ...]). Model or optimizer tensors with a NaN or an infinity on any rank are a
+    :class:`DivergedError` on every rank, and the checkpoint at ``path`` is left as it was."""
     mine = {"rng": rng_state(), **{k: v.clone() if torch.is_tensor(v) else v for k, v in per_rank.items()}}
-    ranks = dist.gather_objects(mine)
+    bad = non_finite(_unwrap(model).state_dict()) + non_finite(optimizer.state_dict()["state"])
+    ranks, bad = zip(*dist.gather_objects((mine, bad)))
+    bad = [name for names in bad for name in names]
+    if bad:
+        kept = f"{path} keeps the last good state" if os.path.exists(path) else "no checkpoint was written"
+        raise DivergedError(f"training diverged: {len(bad)} model or optimizer tensors are not finite at iteration "
+                            f"{iteration} (e.g. {bad[:3]}); {kept} (lower optim.lr, or set optim.clip_grad_norm)")
     if dist.is_main():
         save_checkpoint(path, {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "iteration": iteration, "config": to_yaml(cfg),
@@ -766,30 +879,63 @@ def train_job(cfg: Config, out: str | os.PathLike, *, resume: bool = False) -> d
 def run_job(cfg, baseline, out: str | os.PathLike, resume: bool, fit_run, summarize) -> dict:
     """One run of ``cfg`` into ``out`` or, given a ``baseline`` configuration, both into
     ``out/baseline`` and ``out/nonlocal``. A run whose ``result.json`` exists under the same
-    configuration is not repeated on ``resume``. Writes ``out/summary.json``: {run: summarize(result)}."""
+    configuration is not repeated on ``resume``. Writes ``out/summary.json``: {run: summarize(result)}.
+
+    The job holds ``out/.lock`` (rank 0 for all) throughout: a second job into the same ``out`` is
+    a :class:`~nonlocalnet.lock.LockedError`. Under the lock, checkpoint temporaries a killed job
+    left are removed. ``resume`` into a folder without any run of the job is an error; a run of
+    the job without a checkpoint yet starts from iteration 0 (logged)."""
     out = Path(out)
     runs = {"baseline": baseline, "nonlocal": cfg} if baseline is not None else {"model": cfg}
+    folders = {name: out / name if baseline is not None else out for name in runs}
+    if resume and not any((f / "checkpoint.pt").exists() or (f / "config.yaml").exists() for f in folders.values()):
+        raise ValueError(f"out: {out} holds no run to resume; drop --resume to start one")
     summary = {}
-    for name, run_cfg in runs.items():
-        folder = out / name if baseline is not None else out
-        done = folder / "result.json"
-        if resume and done.exists() and (folder / "config.yaml").read_text() == to_yaml(run_cfg):
-            result = json.loads(done.read_text())
-            log.info("%s: finished before, result read from %s", name, done)
-        else:
-            result = fit_run(run_cfg, folder, resume=resume, name=name)
-        summary[name] = summarize(result)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    with _job_lock(out):
+        if dist.is_main():
+            for folder in folders.values():
+                for stale in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by an interrupted checkpoint write", folder / stale)
+        for name, run_cfg in runs.items():
+            folder = folders[name]
+            done = folder / "result.json"
+            if resume and done.exists() and (folder / "config.yaml").read_text() == to_yaml(run_cfg):
+                result = json.loads(done.read_text())
+                log.info("%s: finished before, result read from %s", name, done)
+            else:
+                started = (folder / "checkpoint.pt").exists()
+                if resume and not started:
+                    log.info("%s: no checkpoint in %s yet; it starts from iteration 0", name, folder)
+                result = fit_run(run_cfg, folder, resume=resume and started, name=name)
+            summary[name] = summarize(result)
+        if dist.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out / "summary.json", json_dumps(summary, indent=1) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _job_lock(out: Path):
+    """``out/.lock`` held by rank 0 for the block; every rank raises rank 0's :class:`LockedError`."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dist.is_main():
+            try:
+                stack.enter_context(exclusive(out / ".lock", what=f"out: {out}"))
+            except LockedError as err:
+                error = str(err)
+        error = dist.broadcast_object(error)
+        if error:
+            raise LockedError(error)
+        yield
 
 
 def summary_table(summary: dict) -> str:
     metrics = [m for m in ("top1", "top5", "mean_class_accuracy", "mAP") if any(m in r for r in summary.values())]
     lines = [f"{'model':<10}" + "".join(f"{m:>21}" for m in metrics)]
     for name, row in summary.items():
-        lines.append(f"{name:<10}" + "".join(f"{row.get(m, float('nan')):>21.3f}" for m in metrics))
+        values = [row.get(m) for m in metrics]  # None: not measured (null in summary.json)
+        lines.append(f"{name:<10}" + "".join(f"{float('nan') if v is None else v:>21.3f}" for v in values))
     return "\n".join(lines)
 
 
@@ -822,8 +968,23 @@ def load_trained(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tupl
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = ""
     model = build_model(model_cfg, len(state["classes"]))
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path, "weights")
     return model.eval(), cfg, list(state["classes"]), bool(state.get("multilabel", False))
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | os.PathLike, key: str) -> None:
+    """``model.load_state_dict(state)`` (from the file ``path``); a state of another model is a
+    ValueError starting with ``key`` that names the checkpoint and the keys and shapes that differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{key}: {os.fspath(path)} does not fit the configured model ({len(shapes)} shapes differ, "
+                         f"e.g. {shapes[:3]}; missing {missing[:3]}; unexpected {unexpected[:3]}); keep the "
+                         f"checkpoint's model settings")
+    model.load_state_dict(state)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None, overrides: Sequence[str] = (), *,
@@ -835,11 +996,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config | None = None
     if not trained and cfg is None:
         raise ValueError(f"config: {os.fspath(checkpoint)} holds weights without a data set; pass a config whose "
                          f"data.val to evaluate on")
-    model, saved, classes, _ = load_trained(checkpoint, () if cfg else overrides) if trained else \
+    model, saved, classes, multilabel = load_trained(checkpoint, () if cfg else overrides) if trained else \
         _load_zoo_weights(checkpoint)
     cfg = cfg or saved
     device = dist.setup()
-    _, val = build_annotations(cfg.data)
+    val = val_annotations(cfg.data, classes, multilabel)  # data.train is not needed: the classes are the model's
     if val.classes != classes:
         raise ValueError(f"weights: the model's {len(classes)} classes differ from data.val's {len(val.classes)}")
     result = evaluate(model.to(device), eval_dataset(val, cfg.data, clips, crops), batch_size=batch_size,
