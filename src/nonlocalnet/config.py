@@ -19,15 +19,19 @@ __all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", 
 
 @dataclass
 class ModelConfig:
+    """The network. ``name`` (a zoo model) gives the defaults of every field left null; a field
+    given explicitly overrides the name's value (``depth`` must agree with the name). A run saves
+    the resolved configuration: every field as built."""
+
     name: str = ""  # a zoo name (nonlocalnet models); empty: build ResNet3d from the fields below
-    depth: int = 50
-    inflation: str = "c2d"
-    stem: str = "32x2"
-    width: int = 64
-    stage_blocks: Optional[List[int]] = None
-    nonlocal_blocks: Dict[str, List[int]] = field(default_factory=dict)  # e.g. {res3: [1, 3], res4: [1, 3, 5]}
+    depth: Optional[int] = None  # null: the name's, else 50
+    inflation: Optional[str] = None  # c2d | 3x1x1 | 3x3x3; null: the name's, else c2d
+    stem: Optional[str] = None  # 32x2 | 8x8 | paper | mmaction2 | slowfast; null: the name's, else 32x2
+    width: Optional[int] = None  # null: 64
+    stage_blocks: Optional[List[int]] = None  # residual blocks per stage; null: those of the depth
+    nonlocal_blocks: Optional[Dict[str, List[int]]] = None  # e.g. {res3: [1, 3], res4: [1, 3, 5]}; {}: none
     nonlocal_preset: str = ""  # nl1 / nl5 / nl10 / res2..res5, instead of nonlocal_blocks
-    nonlocal_mode: str = "embedded_gaussian"
+    nonlocal_mode: Optional[str] = None  # null: the name's, else embedded_gaussian
     dropout: float = 0.5  # every paper script
     weights: str = ""  # initial weights: a file from `nonlocalnet convert` / `inflate` / a checkpoint
     # ResNet3d arguments over the above (e.g. {stem: mmaction2}); empty: those saved with `weights`
@@ -226,7 +230,7 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     _at_least(1, {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
                   "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
                   "data.test_clips": cfg.data.test_clips, "train.checkpoint_every": cfg.train.checkpoint_every,
-                  "train.log_every": cfg.train.log_every, "model.width": cfg.model.width})
+                  "train.log_every": cfg.train.log_every, "model.width": 1 if cfg.model.width is None else cfg.model.width})
     _at_least(0, {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
                   "train.eval_every": cfg.train.eval_every})
     _check_share("data.max_unreadable", cfg.data.max_unreadable)

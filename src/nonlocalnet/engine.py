@@ -142,26 +142,76 @@ class ClipSampler(Sampler):
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
-    """A zoo model (``cfg.name``) or a ResNet3d from the fields, with ``cfg.weights`` loaded (a
-    classifier of another shape is left at its initialisation: fine-tuning).
-
-    ``cfg.options`` are ResNet3d arguments over the rest; when empty, those saved with the weights
-    (another library's conventions, from ``nonlocalnet convert``) are used and written into
-    ``cfg.options``, so that the run's checkpoints rebuild the same network without the file."""
-    if not cfg.options and cfg.weights:
-        cfg.options = _saved_options(cfg.weights)
-    options = dict(cfg.options)
-    if cfg.name:
-        model = create_model(cfg.name, num_classes=num_classes, **merge_options({"dropout": cfg.dropout}, options))
-    else:
-        blocks = cfg.nonlocal_preset or {k: tuple(v) for k, v in cfg.nonlocal_blocks.items()}
-        fields = dict(depth=cfg.depth, inflation=cfg.inflation, stem=cfg.stem, nonlocal_blocks=blocks or None,
-                      nonlocal_options={"mode": cfg.nonlocal_mode}, dropout=cfg.dropout, width=cfg.width,
-                      stage_blocks=cfg.stage_blocks)
-        model = ResNet3d(**merge_options(fields, options), num_classes=num_classes)
+    """The network ``cfg`` describes (:func:`model_arguments`), with ``cfg.weights`` loaded (a
+    classifier of another shape is left at its initialisation: fine-tuning)."""
+    model = ResNet3d(**model_arguments(cfg), num_classes=num_classes)
     if cfg.weights:
         load_initial(model, cfg.weights, heads=("pred.",))
     return model
+
+
+_FIELDS = ("depth", "inflation", "stem", "width", "stage_blocks")  # ModelConfig fields that are ResNet3d arguments
+
+
+def model_arguments(cfg: ModelConfig) -> dict:
+    """:class:`ResNet3d` arguments (but ``num_classes``) of ``cfg``: a zoo model's (``cfg.name``)
+    or ResNet3d's defaults, every field given (not null) over them, then ``cfg.options`` over all.
+
+    When ``cfg.options`` is empty, those saved with ``cfg.weights`` (another library's conventions,
+    from ``nonlocalnet convert``) are used and written into ``cfg.options``, so that the run's
+    checkpoints rebuild the same network without the file. A ``depth`` other than the named
+    model's is an error, as are both ``nonlocal_preset`` and ``nonlocal_blocks``."""
+    from .models import NONLOCAL_PRESETS, model_card
+
+    if not cfg.options and cfg.weights:
+        cfg.options = _saved_options(cfg.weights)
+    given = {k: getattr(cfg, k) for k in _FIELDS if getattr(cfg, k) is not None}
+    base = {}
+    if cfg.name:
+        card = model_card(cfg.name)
+        if given.get("depth", card.depth) != card.depth:
+            raise ValueError(f"model.depth: {given['depth']} differs from model.name {cfg.name!r} (R{card.depth}); "
+                             f"name the R{given['depth']} model or leave model.depth out")
+        base = card.model_kwargs()
+    if cfg.nonlocal_preset and cfg.nonlocal_blocks is not None:
+        raise ValueError(f"model.nonlocal_preset ({cfg.nonlocal_preset!r}) and model.nonlocal_blocks "
+                         f"({dict(cfg.nonlocal_blocks)}): give one of them")
+    if cfg.nonlocal_preset:
+        depth = given.get("depth", base.get("depth", 50))
+        if cfg.nonlocal_preset not in NONLOCAL_PRESETS or depth not in NONLOCAL_PRESETS[cfg.nonlocal_preset]:
+            raise ValueError(f"model.nonlocal_preset: expected one of {sorted(NONLOCAL_PRESETS)} (R50 or R101), "
+                             f"got {cfg.nonlocal_preset!r}")
+        given["nonlocal_blocks"] = dict(NONLOCAL_PRESETS[cfg.nonlocal_preset][depth])
+    elif cfg.nonlocal_blocks is not None:
+        given["nonlocal_blocks"] = {k: tuple(v) for k, v in cfg.nonlocal_blocks.items()} or None
+    if cfg.nonlocal_mode is not None:
+        if not given.get("nonlocal_blocks", base.get("nonlocal_blocks")):
+            raise ValueError(f"model.nonlocal_mode: {cfg.nonlocal_mode!r} given for a model without non-local blocks "
+                             f"(model.nonlocal_blocks / model.nonlocal_preset)")
+        given["nonlocal_options"] = {"mode": cfg.nonlocal_mode}
+    return merge_options(merge_options(base, {**given, "dropout": cfg.dropout}), dict(cfg.options))
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with every field that builds the network filled in as :func:`build_model` builds
+    it (the name's and the defaults' values, ``options`` over them), so that the configuration a
+    run saves describes exactly the network it trained. Errors as :func:`model_arguments`."""
+    import inspect
+
+    resolved = copy.deepcopy(cfg)
+    arguments = model_arguments(resolved)
+    defaults = {k: p.default for k, p in inspect.signature(ResNet3d).parameters.items()}
+    for key in ("depth", "inflation", "stem", "width"):
+        setattr(resolved, key, arguments.get(key, defaults[key]))
+    from .models.resnet3d import DEPTHS
+
+    resolved.stage_blocks = list(arguments.get("stage_blocks") or DEPTHS[resolved.depth])
+    blocks = arguments.get("nonlocal_blocks") or {}
+    resolved.nonlocal_blocks = {k: list(v) for k, v in blocks.items()}
+    resolved.nonlocal_preset = ""
+    resolved.nonlocal_mode = (arguments.get("nonlocal_options") or {}).get("mode", "embedded_gaussian") if blocks \
+        else None
+    return resolved
 
 
 def _saved_options(path: str | os.PathLike) -> dict:
@@ -860,9 +910,7 @@ def save_run(path, model, optimizer, scaler, iteration: int, cfg, per_rank: dict
 
 def _without_nonlocal(cfg: Config) -> Config:
     base = copy.deepcopy(cfg)
-    if base.model.name:
-        raise ValueError("train.compare_baseline: needs a model built from fields (model.name empty)")
-    base.model.nonlocal_blocks, base.model.nonlocal_preset = {}, ""
+    base.model.nonlocal_blocks, base.model.nonlocal_preset, base.model.nonlocal_mode = {}, "", None
     return base
 
 
@@ -872,6 +920,7 @@ def train_job(cfg: Config, out: str | os.PathLike, *, resume: bool = False) -> d
     returns ``out/summary.json``: per run top1 / top5 (or mAP) and the others' numbers."""
     keep = ("top1", "top5", "mean_class_accuracy", "mAP", "videos", "videos_without_views", "skipped_views",
             "skipped_train_clips")
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # config.yaml: the network as built
     baseline = _without_nonlocal(cfg) if cfg.train.compare_baseline else None
     return run_job(cfg, baseline, out, resume, fit, lambda result: {k: result[k] for k in keep if k in result})
 
@@ -965,6 +1014,10 @@ def load_trained(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tupl
     """A model from a training checkpoint, with its configuration (``overrides`` merged), class
     names and whether it is multi-label."""
     state, cfg = read_run(path, Config, ("classes",), overrides, what="training")
+    if cfg.model.name and cfg.model.stage_blocks is None:  # saved before configs were resolved, when a
+        for key in (*_FIELDS, "nonlocal_blocks", "nonlocal_mode"):  # name ignored these fields
+            setattr(cfg.model, key, None)
+        cfg.model.nonlocal_preset = ""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.weights = ""
     model = build_model(model_cfg, len(state["classes"]))
