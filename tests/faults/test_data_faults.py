@@ -1,6 +1,7 @@
 """Faults in the data a user gives: a folder of theirs where a generated set would go, two processes
 building one generated set at once, a build killed half-way, list and CSV files with videos that
-are absent, bytes that are not UTF-8, labels that leave gaps, and an empty class folder.
+are absent, bytes that are not UTF-8, labels that leave gaps, an empty class folder, and frames of
+any shape (resized from the crop's own pixels; the bad-video corpus is test_video_faults.py).
 
 Each ends in a named error (one line and exit code 2 on the command line) or a counted entry in
 ``Annotations.missing``; none deletes or changes a file the package did not write.
@@ -13,12 +14,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from faultkit import tiny_overrides
 
 from nonlocalnet.cli import main
 from nonlocalnet.data.datasets import (AnnotationError, VideoDataset, read_charades_csv, read_class_folders,
                                        read_classes, read_kinetics_csv, read_list)
 from nonlocalnet.data.synthetic import MARKER, ForeignFolderError, SyntheticSpec, build_once, make_synthetic
+from nonlocalnet.data.transforms import (crop, normalize, resize_short_side, resized_crop, resized_size, to_float,
+                                         train_transform)
 
 SMALL = SyntheticSpec(train=2, val=2, height=32, width=32, frames=8)
 _CONTEXT = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -247,3 +251,35 @@ def test_an_empty_class_folder_is_named(tmp_path):
     with pytest.raises(AnnotationError, match=rf"{tmp_path / 'b'}: a class folder without videos .* every folder "
                                               rf"of {tmp_path} is a class"):
         read_class_folders(tmp_path)
+
+
+# -------------------------------------------------------------------- resizing the crop alone (item 7)
+
+
+def test_resizing_the_crop_alone_gives_the_pixels_of_resizing_the_whole_frame():
+    g = torch.Generator().manual_seed(0)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    for _ in range(40):  # up and down (antialiased), any aspect, any crop
+        h, w, size = draw(2, 90), draw(2, 90), draw(1, 120)
+        frames = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8, generator=g)
+        full = resize_short_side(to_float(frames), size)
+        assert tuple(full.shape[-2:]) == resized_size(h, w, size)
+        side = draw(1, min(full.shape[-2:]))
+        top, left = draw(0, full.shape[-2] - side), draw(0, full.shape[-1] - side)
+        ours = resized_crop(frames, tuple(full.shape[-2:]), top, left, side)
+        torch.testing.assert_close(ours, crop(full, top, left, side), rtol=0, atol=2e-3)  # of 255: rounding only
+    frames = torch.randint(0, 256, (2, 240, 320, 3), dtype=torch.uint8, generator=g)
+    full = resize_short_side(to_float(frames), 288)
+    shifted = resized_crop(frames, tuple(full.shape[-2:]), 10, 21, 224)
+    assert (shifted - crop(full, 10, 20, 224)).abs().mean() > 10  # a pixel off is far outside that tolerance
+    for seed in range(4):  # the augmentation draws scale, crop and flip as it did when it resized first
+        new = train_transform(frames, generator=torch.Generator().manual_seed(seed))
+        draws = torch.Generator().manual_seed(seed)
+        old = resize_short_side(to_float(frames), int(torch.randint(256, 321, (1,), generator=draws)))
+        top = int(torch.randint(old.shape[-2] - 224 + 1, (1,), generator=draws))
+        old = crop(old, top, int(torch.randint(old.shape[-1] - 224 + 1, (1,), generator=draws)), 224)
+        old = old.flip(-1) if bool(torch.rand((), generator=draws) < 0.5) else old
+        torch.testing.assert_close(new, normalize(old), rtol=0, atol=1e-4)

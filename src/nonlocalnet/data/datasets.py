@@ -15,8 +15,9 @@ checkpoint). A malformed line is an :class:`AnnotationError` naming the file and
 
 :class:`VideoDataset` in ``"train"`` mode gives one clip per video (paper's sampling and
 augmentation); in ``"test"`` mode item k is clip k % clips of video k // clips, with all its spatial
-crops stacked: (crops, 3, T, S, S). A video that fails to decode gives a :class:`Skipped` item,
-which :func:`collate` sets aside so that the batch, and the epoch, go on.
+crops stacked: (crops, 3, T, S, S). A video that fails to decode, or whose frames are out of
+bounds (:data:`MIN_SIDE`, :data:`MAX_ASPECT`), gives a :class:`Skipped` item, which
+:func:`collate` sets aside so that the batch, and the epoch, go on.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .decode import VideoError, decode_frames, probe
+from .decode import VideoError, VideoInfo, decode_frames, probe
 from .sampling import train_clip_indices, uniform_clip_indices
 from .transforms import spatial_views, train_transform
 
 __all__ = ["AnnotationError", "VideoRecord", "Annotations", "read_list", "read_classes", "read_kinetics_csv",
-           "read_class_folders", "read_charades_csv", "VideoDataset", "Skipped", "collate", "VIDEO_EXTENSIONS"]
+           "read_class_folders", "read_charades_csv", "VideoDataset", "Skipped", "collate", "VIDEO_EXTENSIONS",
+           "MAX_ASPECT", "MIN_SIDE"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".m4v")
 
@@ -276,6 +278,30 @@ def read_charades_csv(path, root, classes: Sequence[str] | str | None = None, ex
     return Annotations(records, names, True, missing)
 
 
+#: frames whose longer side is more than MAX_ASPECT times the shorter, or whose shorter side is
+#: under MIN_SIDE pixels, are not read: no camera makes them, and scaling such a frame's shorter side
+#: to the clip size makes a huge or an empty picture (a 16 x 4000 frame would be 256 x 64000)
+MAX_ASPECT, MIN_SIDE = 4, 16
+
+
+def _check_size(path, width: int, height: int) -> None:
+    """A :class:`VideoError` when a frame of width x height is out of bounds (0: not known yet)."""
+    if not (width and height):
+        return
+    if min(width, height) < MIN_SIDE:
+        raise VideoError(path, f"frame size {width} x {height}: a side under {MIN_SIDE} pixels (MIN_SIDE)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise VideoError(path, f"frame size {width} x {height}: the longer side is "
+                               f"{max(width, height) / min(width, height):.1f} times the shorter, more than "
+                               f"{MAX_ASPECT} (MAX_ASPECT)")
+
+
+def _decode(path, indices) -> torch.Tensor:
+    frames = decode_frames(path, indices)
+    _check_size(path, frames.shape[2], frames.shape[1])
+    return frames
+
+
 @dataclass(frozen=True)
 class Skipped:
     """Stands for an item whose video could not be read."""
@@ -302,7 +328,7 @@ class VideoDataset(Dataset):
         self.num_classes, self.multilabel = len(annotations.classes), annotations.multilabel
         self.frames, self.rate, self.scales, self.crop_size, self.flip = frames, rate, tuple(scales), crop_size, flip
         self.test_scale, self.test_crop, self.clips, self.crops = test_scale, test_crop, clips, crops
-        self._lengths: dict[int, int] = {}
+        self._infos: dict[int, VideoInfo] = {}
 
     def __len__(self) -> int:
         return len(self.records) * (self.clips if self.mode == "test" else 1)
@@ -316,9 +342,12 @@ class VideoDataset(Dataset):
         return target
 
     def _length(self, video: int) -> int:
-        if video not in self._lengths:
-            self._lengths[video] = probe(self.records[video].path).frames
-        return self._lengths[video]
+        """Frames of the video, probed once; a frame size out of bounds is a :class:`VideoError`."""
+        if video not in self._infos:
+            self._infos[video] = probe(self.records[video].path)
+        info = self._infos[video]
+        _check_size(info.path, info.width, info.height)
+        return info.frames
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -331,11 +360,11 @@ class VideoDataset(Dataset):
             if self.mode == "train":
                 generator = torch.Generator().manual_seed(seed) if seed is not None else None
                 indices = train_clip_indices(length, self.frames, self.rate, generator)
-                data = train_transform(decode_frames(path, indices), scales=self.scales, crop_size=self.crop_size,
+                data = train_transform(_decode(path, indices), scales=self.scales, crop_size=self.crop_size,
                                        flip=self.flip, generator=generator)
             else:
                 indices = uniform_clip_indices(length, self.frames, self.rate, self.clips)[clip]
-                data = torch.stack(spatial_views(decode_frames(path, indices), scale=self.test_scale,
+                data = torch.stack(spatial_views(_decode(path, indices), scale=self.test_scale,
                                                  crop_size=self.test_crop, crops=self.crops))
         except VideoError as err:
             return Skipped(path, err.reason)

@@ -117,6 +117,9 @@ def decode_frames(path: str | PathLike, indices: Sequence[int], *, threads: int 
         container.close()
     if not frames:
         raise VideoError(path, "no frame decodes")
+    sizes = sorted({tuple(f.shape[:2]) for f in frames.values()})
+    if len(sizes) > 1:
+        raise VideoError(path, f"the frame size changes within the clip ({' and '.join(f'{w} x {h}' for h, w in sizes)})")
     return torch.stack([frames[i] for i in indices])
 
 
