@@ -316,3 +316,60 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_checkpoint(tiny_
     assert rc == 0, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_detection_stops_on_a_non_finite_loss_too(tmp_path, monkeypatch):
+    """The detector's loss (a sum of a dict's values) goes through the same check as the video loss."""
+    pytest.importorskip("pycocotools")
+    pytest.importorskip("torchvision")
+    from nonlocalnet import detect
+    from nonlocalnet.config import DetectConfig, load_config
+
+    real, calls = detect.build_detector, []
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        forward = model.forward
+
+        def nan_at_the_third_step(images, targets=None):
+            losses = forward(images, targets)
+            if model.training:
+                calls.append(1)
+                if len(calls) == 3:
+                    losses = {**losses, "loss_mask": losses["loss_mask"] * float("nan")}
+            return losses
+
+        model.forward = nan_at_the_third_step
+        return model
+
+    monkeypatch.setattr(detect, "build_detector", build)
+    cfg = load_config(None, [f"data.root={tmp_path / 'shapes'}", "data.shapes_train=4", "data.shapes_val=2",
+                             "data.shapes_size=[64,64]", "data.workers=0", "model.min_size=[64]", "model.max_size=64",
+                             "optim.batch_size=2", "optim.iterations=4", "optim.steps=[]", "optim.warmup=0",
+                             "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false"],
+                      schema=DetectConfig)
+    with pytest.raises(engine.DivergedError, match=r"not finite at iteration 3; the last good checkpoint, of "
+                                                   r"iteration 2, is .*checkpoint\.pt"):
+        detect.fit(cfg, tmp_path / "run")
+    assert finite(tmp_path / "run" / "checkpoint.pt")
+
+
+@pytest.mark.slow
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank(tiny_set, tmp_path):
+    """Under torchrun (2 processes, gloo) rank 1 alone sees a NaN loss at iteration 3: both ranks stop
+    with the same error instead of one waiting for the other at the next collective."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import os, sys\nfrom nonlocalnet import engine\nfrom nonlocalnet.cli import main\nreal, calls = engine._loss, []\n"
+        "def loss(*args):\n    value = real(*args)\n    calls.append(1)\n"
+        "    return value * float('nan') if os.environ['RANK'] == '1' and len(calls) == 3 else value\n"
+        "engine._loss = loss\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "train", "--out", str(tmp_path / "run"), "--set",
+                           *tiny_overrides(tiny_set, **{"model.dropout": 0.0})],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert done.stderr.count("training diverged: the loss is not finite at iteration 3") == 2  # each rank says it
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["iteration"] == 2
