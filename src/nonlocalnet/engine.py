@@ -324,6 +324,7 @@ def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
     from .data.shapes import make_shapes
     from .data.synthetic import ForeignFolderError, make_synthetic
 
+    given = bool(root)
     if not root:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nonlocalnet"
         root = cache / f"{kind}-{'-'.join(str(v) for v in key)}"
@@ -332,8 +333,11 @@ def generated_set(root: str, kind: str, spec, key: Sequence) -> Path:
             {"synthetic": make_synthetic, "shapes": make_shapes}[kind](root, spec, log=log.info)
         except ForeignFolderError as err:
             own = {"synthetic": "list, kinetics, folders or charades", "shapes": "coco"}[kind]
-            raise ForeignFolderError(f"data.root: {err} (data.dataset is {kind!r}, a set the package writes there; "
-                                     f"to read your own data, set data.dataset to {own})") from None
+            raise ForeignFolderError(
+                f"data.root: {err} (data.dataset is {kind!r}, a set the package writes there; to read your own data, "
+                f"set data.dataset to {own})" if given else
+                f"{err} (the package's cache of the {kind} set: delete that folder if an older nonlocalnet wrote it)"
+            ) from None
         except ValueError as err:
             raise ValueError(f"data.root / data.{kind}_*: {err}") from None
     if dist.world_size() > 1:

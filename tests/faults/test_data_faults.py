@@ -68,6 +68,18 @@ def test_the_cli_refuses_a_users_data_root_in_one_line(tmp_path, capsys):
     assert _snapshot(tmp_path / "mine") == before
 
 
+def test_an_unmarked_folder_in_the_cache_is_left_too(tmp_path, monkeypatch):
+    from nonlocalnet.engine import generated_set
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "nonlocalnet" / "synthetic-2-2"
+    before = _user_folder(cached)  # e.g. written by an older version, without the marker
+    with pytest.raises(ForeignFolderError, match=r"the package's cache of the synthetic set: delete that folder if "
+                                                 r"an older nonlocalnet wrote it"):
+        generated_set("", "synthetic", SMALL, (2, 2))
+    assert _snapshot(cached) == before
+
+
 def test_user_files_beside_a_set_of_ours_stop_a_rebuild(tmp_path):
     root = make_synthetic(tmp_path / "syn", SMALL, log=_quiet)
     (root / "notes.txt").write_text("mine")
