@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import rel_err
 from nonlocalnet import create_model
@@ -71,16 +72,19 @@ def _i3d_r50_state(seed, classes, stem, stem_bn, head, block_prefix, parts, nonl
     return state
 
 
-def mmaction2_state(mode, seed=0, classes=400):
+def mmaction2_state(mode, seed=0, classes=400, sub_sample=True, norm=True):
     """An mmaction2 Recognizer3D state dict: ResNet3d(depth=50, inflate=INFLATE, non_local=...,
-    non_local_cfg=dict(sub_sample=True, norm_cfg=BN3d, mode=...)) as `backbone`, I3DHead as `cls_head`."""
+    non_local_cfg=dict(sub_sample=True, norm_cfg=BN3d, mode=...)) as `backbone`, I3DHead as `cls_head`
+    (``sub_sample=False``: no pools after phi / g; ``norm=False``: no BN after conv_out, which has a bias)."""
 
     def nonlocal_block(conv, bn, layer, b, c):
         q = f"backbone.layer{layer + 1}.{b}.non_local_block"
-        for part in ("g.0",) + (() if mode == "gaussian" else ("theta", "phi.0")):
+        pooled = ".0" if sub_sample else ""
+        for part in (f"g{pooled}",) + (() if mode == "gaussian" else ("theta", f"phi{pooled}")):
             conv(f"{q}.{part}.conv", c // 2, c, (1, 1, 1), bias=True, gain=0.05)  # a dot product stays finite
-        conv(q + ".conv_out.conv", c, c // 2, (1, 1, 1))  # no bias: a BN follows
-        bn(q + ".conv_out.bn", c)
+        conv(q + ".conv_out.conv", c, c // 2, (1, 1, 1), bias=not norm, gain=1.0 if norm else 0.3)  # a BN: no bias
+        if norm:
+            bn(q + ".conv_out.bn", c)
 
     return _i3d_r50_state(seed, classes, "backbone.conv1.conv", "backbone.conv1.bn", "cls_head.fc_cls",
                           lambda layer, b: f"backbone.layer{layer + 1}.{b}", MM_PARTS, nonlocal_block)
@@ -91,9 +95,10 @@ def _bn(state, key, x, eps=1e-5):
                         state[key + ".bias"], False, 0.0, eps)
 
 
-def mmaction2_forward(state, x, mode, use_scale):
+def mmaction2_forward(state, x, non_local_cfg):
     """mmaction2's I3D R50 recognizer on an mmaction2-normalised clip, written out from its code's
-    structure; its non-local blocks are mmcv's NonLocal3d loaded strictly from the state dict."""
+    structure; its non-local blocks are mmcv's NonLocal3d(channels, **non_local_cfg), mmcv's own
+    defaults for what the config leaves out, loaded strictly from the state dict."""
     from mmcv.cnn import NonLocal3d
 
     def cbr(key, x, stride=1, padding=0, relu=True):
@@ -112,8 +117,7 @@ def mmaction2_forward(state, x, mode, use_scale):
             x = F.relu(out + (cbr(p + ".downsample", x, (1, s, s), relu=False) if b == 0 else x))
             if b in NONLOCAL.get(layer, ()):
                 q = p + ".non_local_block."
-                block = NonLocal3d(x.shape[1], sub_sample=True, use_scale=use_scale, mode=mode,
-                                   norm_cfg=dict(type="BN3d"))
+                block = NonLocal3d(x.shape[1], **non_local_cfg)
                 block.load_state_dict({k[len(q):]: v for k, v in state.items() if k.startswith(q)})
                 x = block.to(x.dtype).eval()(x)
         if layer == 0:
@@ -177,24 +181,71 @@ def _ours(pixels):
     return (pixels - 114.75) / 57.375  # what nonlocalnet's data pipeline feeds a model
 
 
-def _mm_config(mode, use_scale):
-    # the shape of mmengine's meta['cfg'] (Config.pretty_text) around the keys the converter reads
-    return (f"model = dict(\n    type='Recognizer3D',\n    backbone=dict(\n        type='ResNet3d',\n"
-            f"        non_local=((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0)),\n"
-            f"        non_local_cfg=dict(\n            sub_sample=True,\n            use_scale={use_scale},\n"
-            f"            norm_cfg=dict(type='BN3d', requires_grad=True),\n            mode='{mode}')),\n"
-            f"    cls_head=dict(type='I3DHead', num_classes=400, average_clips='prob'))\n"
+def _python(value):
+    """A value as mmengine's Config.pretty_text writes it: dicts as dict(...) calls."""
+    if isinstance(value, dict):
+        return "dict(" + ", ".join(f"{k}={_python(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_python(v) for v in value) + ("," if isinstance(value, tuple) else "")
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    return repr(value)
+
+
+def mm_model_config(non_local_cfg, **backbone):
+    """The model part of mmaction2 1.2's i3d_imagenet-pretrained-r50-nl-*_8xb8-32x2x1-100e_kinetics400-rgb
+    config (as Config.fromfile reads it), with ``non_local_cfg`` and backbone arguments changed
+    (a value None: the argument left out)."""
+    args = dict(conv1_kernel=(5, 7, 7), conv1_stride_t=2, conv_cfg=dict(type="Conv3d"), depth=50, inflate=INFLATE,
+                non_local=((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0)), non_local_cfg=non_local_cfg,
+                norm_eval=False, pool1_stride_t=2, pretrained="torchvision://resnet50", pretrained2d=True,
+                type="ResNet3d", zero_init_residual=False)
+    args = {k: v for k, v in {**args, **backbone}.items() if v is not None}
+    return dict(backbone=args, cls_head=dict(average_clips="prob", dropout_ratio=0.5, in_channels=2048, init_std=0.01,
+                                             num_classes=400, spatial_type="avg", type="I3DHead"),
+                data_preprocessor=dict(format_shape="NCTHW", mean=list(MM_MEAN), std=list(MM_STD),
+                                       type="ActionDataPreprocessor"), type="Recognizer3D")
+
+
+def _mm_config(mode, use_scale, **backbone):
+    # mmengine's meta['cfg'] (Config.pretty_text): Python source, model first
+    cfg = dict(mode=mode, norm_cfg=dict(requires_grad=True, type="BN3d"), sub_sample=True, use_scale=use_scale)
+    return (f"default_scope = 'mmaction'\nmodel = {_python(mm_model_config(cfg, **backbone))}\n"
             f"test_cfg = dict(type='TestLoop')\ntest_mode = True\n")
+
+
+def mmengine_save(path, state, cfg=None):
+    """A checkpoint as mmengine's Runner writes it, by mmengine's own ``save_checkpoint``: ``meta``
+    (with the config text), ``state_dict``, a real ``MessageHub`` state (``HistoryBuffer`` objects
+    holding numpy arrays), optimizer and scheduler states."""
+    import numpy as np
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    hub = MessageHub.get_instance(f"nonlocalnet-test-{path}")
+    for i in range(3):
+        hub.update_scalar("train/loss", 2.0 / (i + 1))
+        hub.update_scalar("train/lr", np.float64(0.01))
+    hub.update_info("epoch", 100)
+    head = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    head(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    meta = {"epoch": 100, "iter": 1000, "seed": 0, "mmengine_version": "0.10.7", "dataset_meta": {"classes": None}}
+    if cfg is not None:
+        meta["cfg"] = cfg
+    save_checkpoint({"meta": meta, "state_dict": state, "message_hub": hub.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "param_schedulers": [{"base_values": [0.01], "last_step": 1000, "verbose": False}]}, str(path))
 
 
 @pytest.mark.parametrize("mode, use_scale", [("embedded_gaussian", False), ("embedded_gaussian", True),
                                              ("dot_product", False), ("gaussian", False)])
 def test_mmaction2_checkpoint_converts_exactly(tmp_path, capsys, mode, use_scale):
+    """A checkpoint written by mmengine's own save function (message hub and all) converts, and the
+    model computes what mmaction2's computes."""
     pytest.importorskip("mmcv.cnn")
     state = mmaction2_state(mode)
-    checkpoint = {"meta": {"cfg": _mm_config(mode, use_scale), "epoch": 100, "mmengine_version": "0.10.7"},
-                  "state_dict": state}
-    torch.save(checkpoint, tmp_path / "i3d_nl.pth")
+    mmengine_save(tmp_path / "i3d_nl.pth", state, _mm_config(mode, use_scale))
     assert main(["convert", str(tmp_path / "i3d_nl.pth"), str(tmp_path / "out.pt"), "--from", "mmaction2",
                  "--model", "i3d_nl5_r50"]) == 0
     report = capsys.readouterr().out
@@ -214,11 +265,100 @@ def test_mmaction2_checkpoint_converts_exactly(tmp_path, capsys, mode, use_scale
     pixels = _pixels(16)
     mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1, 1) for v in (MM_MEAN, MM_STD))
     theirs = mmaction2_forward({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
-                               (pixels - mean) / std, mode, use_scale)
+                               (pixels - mean) / std, dict(sub_sample=True, use_scale=use_scale, mode=mode,
+                                                           norm_cfg=dict(type="BN3d")))
     with torch.no_grad():
         ours = model(_ours(pixels))
     assert 1 < theirs.abs().max() < 1e4 and theirs.std() > 0.1  # a network whose blocks matter, not a constant
     assert rel_err(ours, theirs) < 1e-10
+
+
+@pytest.mark.slow
+def test_mmaction2_config_leaving_out_non_local_arguments_means_mmcv_defaults(tmp_path, capsys):
+    """``non_local_cfg=dict()`` (ResNet3d's default) is mmcv's NonLocal3d defaults: embedded Gaussian
+    with use_scale=True, no subsampling, no norm (conv_out keeps its bias)."""
+    pytest.importorskip("mmcv.cnn")
+    state = mmaction2_state("embedded_gaussian", seed=3, sub_sample=False, norm=False)
+    mmengine_save(tmp_path / "a.pth", state, f"model = {_python(mm_model_config(None))}\n")
+    assert main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "out.pt"), "--from", "mmaction2",
+                 "--model", "i3d_nl5_r50"]) == 0
+    report = capsys.readouterr().out
+    assert "unmatched" not in report and "missing" not in report and "zero where" not in report
+    assert read_weights(tmp_path / "out.pt")["options"]["nonlocal_options"] == {
+        "mode": "embedded_gaussian", "pool": "after", "subsample": False, "scale": True, "norm": "none"}
+    model = create_model("i3d_nl5_r50", weights=tmp_path / "out.pt").double().eval()
+    pixels = _pixels(16)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1, 1) for v in (MM_MEAN, MM_STD))
+    theirs = mmaction2_forward({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
+                               (pixels - mean) / std, {})
+    with torch.no_grad():
+        ours = model(_ours(pixels))
+    assert 1 < theirs.abs().max() < 1e4 and theirs.std() > 0.1
+    assert rel_err(ours, theirs) < 1e-10
+
+
+# the keys the options are read from (a subsampled embedded Gaussian / dot product block with BN)
+MM_KEYS = {k: torch.zeros(1) for k in ("backbone.conv1.conv.weight", "backbone.layer2.1.non_local_block.g.0.conv.weight",
+                                       "backbone.layer2.1.non_local_block.theta.conv.weight",
+                                       "backbone.layer2.1.non_local_block.conv_out.bn.weight")}
+
+
+@pytest.mark.parametrize("non_local_cfg, expected", [
+    (dict(sub_sample=True, norm_cfg=dict(type="BN3d")), {"mode": "embedded_gaussian", "scale": True}),
+    (dict(sub_sample=True, norm_cfg=dict(type="BN3d"), use_scale=False), {"mode": "embedded_gaussian", "scale": False}),
+    (dict(sub_sample=True, norm_cfg=dict(type="BN3d"), mode="dot_product"), {"mode": "dot_product", "scale": False}),
+])
+def test_mmaction2_config_leaving_out_mode_or_use_scale(tmp_path, non_local_cfg, expected):
+    """mmcv's defaults where the config is silent: use_scale=True (mmcv's NonLocal3d signature), mode
+    'embedded_gaussian'; what the config says wins. (That these options compute mmcv's blocks:
+    the exact-conversion tests above.)"""
+    from mmcv.cnn import NonLocal3d
+
+    from nonlocalnet.weights import mmaction2_options
+
+    block = NonLocal3d(16, **non_local_cfg)  # mmcv's own reading of the same arguments
+    assert block.mode == expected["mode"] and (block.use_scale == expected["scale"] or block.mode != "embedded_gaussian")
+    options = mmaction2_options(MM_KEYS, f"model = {_python(mm_model_config(non_local_cfg))}\n")
+    assert options["nonlocal_options"] == {"pool": "after", "subsample": True, "norm": "batch", **expected}
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(style="caffe"), "model.backbone.style is 'caffe'"),
+    (dict(conv1_stride_t=None), "model.backbone.conv1_stride_t is 1 (mmaction2's default: the config leaves it out)"),
+    (dict(pool1_stride_t=1), "model.backbone.pool1_stride_t is 1;"),
+    (dict(with_pool2=False), "model.backbone.with_pool2 is False"),
+    (dict(spatial_strides=(1, 2, 2, 1)), "model.backbone.spatial_strides is (1, 2, 2, 1)"),
+    (dict(temporal_strides=(1, 1, 2, 1)), "model.backbone.temporal_strides"),
+    (dict(dilations=(1, 1, 1, 2)), "model.backbone.dilations"),
+    (dict(conv1_stride_s=1), "model.backbone.conv1_stride_s"),
+    (dict(with_pool1=False), "model.backbone.with_pool1"),
+    (dict(inflate_style="3x3x3"), "model.backbone.inflate_style is '3x3x3'"),
+    (dict(act_cfg=dict(type="LeakyReLU")), "model.backbone.act_cfg.type is 'LeakyReLU'"),
+    (dict(type="ResNet3dSlowOnly"), "model.backbone.type is 'ResNet3dSlowOnly'"),
+    (dict(non_local_cfg=dict(norm_cfg=dict(type="BN3d"), mode="dot_product")), "does not fit its weights"),
+])
+def test_mmaction2_config_that_changes_the_function_is_refused(tmp_path, capsys, change, named):
+    """Each ResNet3d argument under which mmaction2 computes another network than ours: exit 2
+    naming it, nothing written; a config that leaves one out means mmaction2's default."""
+    non_local_cfg = change.pop("non_local_cfg", dict(mode="dot_product", norm_cfg=dict(type="BN3d"), sub_sample=True))
+    torch.save({"meta": {"cfg": f"model = {_python(mm_model_config(non_local_cfg, **change))}\n"},
+                "state_dict": MM_KEYS}, tmp_path / "a.pth")
+    assert main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "out.pt"), "--from", "mmaction2",
+                 "--model", "i3d_nl5_r50"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out.pt").exists()
+
+
+def test_mmengine_objects_among_the_weights_are_named(tmp_path, capsys):
+    """Training state beside the weights is not loaded (placeholders); among them it is refused by type."""
+    from mmengine.logging import HistoryBuffer
+
+    torch.save({"state_dict": {"backbone.conv1.conv.weight": torch.zeros(1), "loss": HistoryBuffer()}},
+               tmp_path / "a.pth")
+    assert main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "out.pt"), "--from", "mmaction2",
+                 "--model", "i3d_nl5_r50"]) == 2
+    err = capsys.readouterr().err
+    assert "got 'loss': mmengine.logging.history_buffer.HistoryBuffer among its 2 entries" in err
 
 
 def test_mmaction2_conventions_change_the_output(tmp_path):
@@ -316,7 +456,7 @@ def test_slowfast_without_config_and_bad_files(tmp_path, capsys):
     # a SlowFast (two-pathway) config, a Caffe2 pickle, a file of something else
     torch.save({"model_state": state, "cfg": "MODEL:\n  ARCH: slowfast\n"}, tmp_path / "sf.pyth")
     assert main(["convert", str(tmp_path / "sf.pyth"), out, "--from", "slowfast", "--model", "i3d_nl5_r50_8x8"]) == 2
-    assert "MODEL.ARCH 'slowfast'" in capsys.readouterr().err
+    assert "MODEL.ARCH is 'slowfast'" in capsys.readouterr().err
     (tmp_path / "I3D_NLN_8x8_R50.pkl").write_bytes(b"\x80\x04}\x94.")
     assert main(["convert", str(tmp_path / "I3D_NLN_8x8_R50.pkl"), out, "--from", "slowfast", "--model",
                  "i3d_nl5_r50_8x8"]) == 2
@@ -328,6 +468,45 @@ def test_slowfast_without_config_and_bad_files(tmp_path, capsys):
     assert "no file at" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "odd.pyth"), out, "--from", "slowfast", "--model", "i3d_r5"]) == 2
     assert "unknown model 'i3d_r5'" in capsys.readouterr().err
+
+
+SF_KEYS = {k: torch.zeros(1) for k in ("s1.pathway0_stem.conv.weight", "s3.pathway0_nonlocal1.conv_theta.weight")}
+
+
+def test_slowfast_config_leaving_keys_out_means_pyslowfast_defaults():
+    """PySlowFast's defaults (slowfast/config/defaults.py) where its cfg is silent: NONLOCAL.INSTANTIATION
+    dot_product, DATA.MEAN / STD 0.45 / 0.225; MODEL.ARCH slowfast, which is refused."""
+    from nonlocalnet.weights import slowfast_options
+
+    options = slowfast_options(SF_KEYS, "MODEL:\n  ARCH: i3d\n")
+    assert options["nonlocal_options"] == {"mode": "dot_product", "scale": True}
+    assert options["pixel_mean"] == [0.45 * 255] * 3 and options["pixel_std"] == [0.225 * 255] * 3
+    assert slowfast_options(SF_KEYS, "MODEL:\n  ARCH: i3d\n", mode="embedded_gaussian")["nonlocal_options"]["mode"] \
+        == "embedded_gaussian"  # --mode wins
+    with pytest.raises(ValueError, match=r"MODEL.ARCH is 'slowfast' \(PySlowFast's default: the config leaves it out\)"):
+        slowfast_options(SF_KEYS, "NONLOCAL:\n  INSTANTIATION: softmax\n")
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("RESNET.STRIDE_1X1", "true", "RESNET.STRIDE_1X1 is True"),
+    ("RESNET.SPATIAL_STRIDES", "[[1], [2], [2], [1]]", "RESNET.SPATIAL_STRIDES is [[1], [2], [2], [1]]"),
+    ("RESNET.SPATIAL_DILATIONS", "[[1], [1], [1], [2]]", "RESNET.SPATIAL_DILATIONS"),
+    ("RESNET.NUM_GROUPS", "32", "RESNET.NUM_GROUPS is 32"),
+    ("RESNET.TRANS_FUNC", "basic_transform", "RESNET.TRANS_FUNC is 'basic_transform'"),
+    ("DATA.REVERSE_INPUT_CHANNEL", "true", "DATA.REVERSE_INPUT_CHANNEL is True"),
+    ("DETECTION.ENABLE", "true", "DETECTION.ENABLE is True"),
+    ("BN.NORM_TYPE", "sub_batchnorm", "BN.NORM_TYPE is 'sub_batchnorm'"),
+    ("MODEL.ARCH", "slow", "MODEL.ARCH is 'slow'"),
+])
+def test_slowfast_config_that_changes_the_function_is_refused(tmp_path, capsys, key, value, named):
+    section, name = key.split(".")
+    cfg = yaml.safe_load(_sf_config("softmax"))
+    cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+    torch.save({"model_state": SF_KEYS, "cfg": yaml.safe_dump(cfg)}, tmp_path / "a.pyth")
+    assert main(["convert", str(tmp_path / "a.pyth"), str(tmp_path / "out.pt"), "--from", "slowfast",
+                 "--model", "i3d_nl5_r50_8x8"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out.pt").exists()
 
 
 def test_converted_weights_train_with_their_options(tmp_path):

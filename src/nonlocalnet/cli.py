@@ -223,6 +223,12 @@ def _training(args: argparse.Namespace, jobs, schema, default: str) -> int:
     return 0
 
 
+def _json_text(data) -> str:
+    from ._json import dumps  # strict JSON: NaN written as null
+
+    return dumps(data, indent=1)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from . import distributed, engine
     from .config import load_config
@@ -233,10 +239,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         report = engine.evaluate_checkpoint(args.weights, cfg, args.set, clips=args.clips, crops=args.crops,
                                             batch_size=args.batch_size)
     if main:
-        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=1))
+        print(_json_text({k: v for k, v in report.items() if not isinstance(v, list)}))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+                f.write(_json_text(report) + "\n")
     return 0
 
 
@@ -270,10 +276,10 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
         report = detect.evaluate_checkpoint(args.weights, cfg, args.set, batch_size=args.batch_size)
     if main:
         print(detect.summary_table({"model": report}))
-        print(json.dumps(report, indent=1))
+        print(_json_text(report))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+                f.write(_json_text(report) + "\n")
     return 0
 
 

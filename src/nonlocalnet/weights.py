@@ -27,6 +27,7 @@ A conversion fills a complete state dict: entries the source lacks keep the mode
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import pickle
@@ -67,19 +68,54 @@ def _numpy_core(name: str):
     raise ImportError(f"numpy has no core.{name}")
 
 
-def _allowed_globals() -> dict:
+_BOMB_MARGIN = 4  # an array may declare at most this many times the file's size (plus 1 MiB)
+
+
+def _checked_reconstruct(limit: int) -> Callable:
+    """numpy's ``_reconstruct``, refusing a declared size over ``limit`` bytes. numpy's own pickles
+    declare an empty array and fill it from bytes in the file; a "bomb" declares terabytes."""
+    reconstruct = _numpy_core("multiarray")._reconstruct
+
+    def checked(subtype, shape, dtype):
+        try:
+            size = int(np.prod([int(n) for n in shape], dtype=object)) * np.dtype(dtype).itemsize
+        except (TypeError, ValueError, OverflowError) as err:
+            raise _Refused(f"an array of shape {shape!r} and dtype {dtype!r} ({err})") from None
+        if size > limit:
+            raise _Refused(f"an array declaring {size} bytes (shape {tuple(shape)}), far more than the file holds")
+        return reconstruct(subtype, shape, dtype)
+
+    return checked
+
+
+def _empty_bytes(*args) -> bytes:
+    """``bytes()``, as protocol 2 pickles an empty bytes object (the data of an empty array); with
+    arguments (``bytes(10**12)``) it would allocate, so those are refused."""
+    if args:
+        raise _Refused(f"bytes{args!r}: only bytes() is unpickled")
+    return b""
+
+
+def _allowed_globals(limit: int = 1 << 62) -> dict:
+    """The globals numpy arrays need, by (module, name); ``_reconstruct`` refuses more than ``limit`` bytes."""
     multiarray, numeric = _numpy_core("multiarray"), _numpy_core("numeric")
     import _codecs
     import collections
 
-    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-             ("_codecs", "encode"): _codecs.encode, ("collections", "OrderedDict"): collections.OrderedDict}
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("builtins", "bytes"): _empty_bytes,
+             ("__builtin__", "bytes"): _empty_bytes, ("_codecs", "encode"): _codecs.encode,
+             ("collections", "OrderedDict"): collections.OrderedDict}
+    reconstruct = _checked_reconstruct(limit)
     for package in ("numpy.core", "numpy._core"):
-        table[package + ".multiarray", "_reconstruct"] = multiarray._reconstruct
+        table[package + ".multiarray", "_reconstruct"] = reconstruct
         table[package + ".multiarray", "scalar"] = multiarray.scalar
         if hasattr(numeric, "_frombuffer"):
             table[package + ".numeric", "_frombuffer"] = numeric._frombuffer
     return table
+
+
+def _size_limit(path: str) -> int:
+    return _BOMB_MARGIN * os.path.getsize(path) + (1 << 20)
 
 
 class _Refused(pickle.UnpicklingError):
@@ -89,9 +125,9 @@ class _Refused(pickle.UnpicklingError):
 class _ArraysOnly(pickle.Unpickler):
     """Resolves only the globals numpy arrays need; anything else is refused before it is looked up."""
 
-    def __init__(self, file, **kwargs):
+    def __init__(self, file, *, limit: int, **kwargs):
         super().__init__(file, **kwargs)
-        self._allowed = _allowed_globals()
+        self._allowed = _allowed_globals(limit)
 
     def find_class(self, module: str, name: str):
         allowed = self._allowed
@@ -103,16 +139,20 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def load_caffe2_blobs(path: str | PathLike) -> dict[str, np.ndarray]:
-    """The named arrays of an official Caffe2 checkpoint (``{'blobs': {...}}`` or a flat dict)."""
+    """The named arrays of an official Caffe2 checkpoint (``{'blobs': {...}}`` or a flat dict).
+
+    Read without running code: only numpy's array globals resolve, and an array declaring far more
+    bytes than the file holds (a pickle "bomb") is refused before anything is allocated."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: expected an official Caffe2 .pkl checkpoint, no file at {path!r}")
     try:
         with open(path, "rb") as f:
-            data = _ArraysOnly(f, encoding="latin1").load()
+            data = _ArraysOnly(f, limit=_size_limit(path), encoding="latin1").load()
     except _Refused as err:
         raise ValueError(f"{path}: not loaded: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, RecursionError, OverflowError) as err:
         raise ValueError(f"{path}: not a readable Caffe2 checkpoint ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and isinstance(data.get("blobs"), dict):
         data = data["blobs"]
@@ -317,25 +357,121 @@ def kinetics400_classes() -> list[str]:
     return (resources.files("nonlocalnet") / "kinetics400.txt").read_text().splitlines()
 
 
+# Globals a checkpoint's pickle may name only to run code: refused by name. Every other global outside
+# the tensor and numpy allowlists (mmengine's HistoryBuffer, ConfigDict, ``getattr`` for a method of
+# one, ...) becomes an inert placeholder: nothing is imported or called, and a placeholder found
+# among the weights is refused.
+_CODE_MODULES = frozenset({"os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket", "ctypes",
+                           "pty", "code", "codeop", "webbrowser", "multiprocessing", "pickle", "marshal", "asyncio",
+                           "signal", "tempfile", "pathlib", "io", "commands", "popen2", "platform"})
+_CODE_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "exit", "quit",
+                            "__builtins__", "globals", "locals", "vars", "setattr", "delattr"})
+
+
+class Placeholder:
+    """What a checkpoint's pickle built from a global that is not a tensor, number, string or numpy
+    array (another library's training state): the global's name, the arguments and state it was given."""
+
+    global_name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name} (not loaded)>"
+
+
+def _placeholder(name: str) -> type:
+    return type("Placeholder", (Placeholder,), {"global_name": name, "__qualname__": f"Placeholder[{name}]"})
+
+
+def _code_global(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    root = module.split(".")[0]
+    return root in _CODE_MODULES or (module in ("builtins", "__builtin__") and attribute in _CODE_BUILTINS)
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, Placeholder):
+        return value.global_name
+    return f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+
+
+def _pickle_globals(path: str) -> set[str]:
+    """The ``module.name`` globals a pickle file (or a torch zip file's pickle) names, read without
+    unpickling; an empty set where it cannot be read."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with open(path, "rb") as f:
+            found, strings, memo = set(), [], {}
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[arg] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                    strings.append(memo[arg])
+            return found
+    except Exception:  # a damaged file: the caller's error stands
+        return set()
+
+
 def _torch_load(path: str, what: str) -> object:
+    """A ``torch.save`` zip file read without running code: tensors, containers, numbers, strings and
+    numpy arrays are loaded; objects of other classes (mmengine's message hub) become :class:`Placeholder`\\ s;
+    a global that only serves to run code (``os.system``) is refused by name."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source: expected {what}, no file at {path!r}")
     if not zipfile.is_zipfile(path):
         hint = " (a Caffe2 pickle, as PySlowFast's I3D_NLN_8x8_R50.pkl: convert it with --from caffe2)" \
             if path.endswith(".pkl") else ""
         raise ValueError(f"source: expected {what} (a torch.save zip file), got {path}{hint}")
+    numpy_globals = {f"{module}.{name}": value for (module, name), value in _allowed_globals(_size_limit(path)).items()}
+    numpy_globals.update({f"numpy.dtypes.{name}": getattr(np.dtypes, name) for name in dir(getattr(np, "dtypes", None))
+                          if name.endswith("DType") and isinstance(getattr(np.dtypes, name), type)})  # dtype states
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # numpy scalars in a training script's metadata: allow those, nothing else
-        pass
-    except Exception as err:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # a truncated zip, a damaged pickle
         raise ValueError(f"source: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    refused = sorted(name for name in names if _code_global(name))
+    if refused:
+        raise ValueError(f"source: {path} names {', '.join(refused)}, which a checkpoint needs only to run code; "
+                         f"not loaded")
+    allowed = [(value, name) for name, value in numpy_globals.items()]
+    allowed += [(_placeholder(name), name) for name in names if name not in numpy_globals]
     try:
-        with torch.serialization.safe_globals(list(_allowed_globals().values())):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"source: {path} holds objects other than tensors, numbers, strings and numpy arrays; "
-                         f"not loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except Exception as err:  # MemoryError, numpy's ValueError, a damaged file: one line naming the file
+        raise ValueError(f"source: {path} is not a readable checkpoint ({type(err).__name__}: {_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The sentence of an exception's message that says what went wrong (torch's weights-only
+    errors wrap it in paragraphs of advice)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip() or "".join(lines[i + 1:i + 2])
+            return rest.split(". Please use")[0]
+    said = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                            "(1)", "(2)"))]
+    return said[0] if said else lines[0] if lines else ""
 
 
 def read_peer_checkpoint(path: str | PathLike, peer: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -355,10 +491,13 @@ def read_peer_checkpoint(path: str | PathLike, peer: str) -> tuple[dict[str, tor
         config = texts[0] if texts else ""
         if isinstance(data.get(wrapper), dict):
             data = data[wrapper]
-    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and torch.is_tensor(v)
-                                                         for k, v in data.items()):
-        keys = list(data)[:6] if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"source: expected a state dict of tensors (or one under '{wrapper}') in {path}, got {keys}")
+    if not isinstance(data, dict) or not data:
+        got = _type_name(data) if not isinstance(data, dict) else "an empty dict"
+        raise ValueError(f"source: expected a state dict of tensors (or one under '{wrapper}') in {path}, got {got}")
+    odd = next(((k, v) for k, v in data.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+    if odd is not None:
+        raise ValueError(f"source: expected a state dict of tensors (or one under '{wrapper}') in {path}, got "
+                         f"{odd[0]!r}: {_type_name(odd[1])} among its {len(data)} entries ({list(data)[:4]} ...)")
     state = {k.removeprefix("module."): v for k, v in data.items()}
     return state, config
 
@@ -368,14 +507,131 @@ def _peer_source(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return source, [k for k in state if k.endswith("num_batches_tracked")]
 
 
-def _config_value(text: str, anchor: str, key: str) -> str | None:
-    """``key=value`` inside the Python-syntax config text following ``anchor`` (mmengine's
-    pretty_text of ``non_local_cfg=dict(...)``), or None."""
-    start = text.find(anchor)
-    if start < 0:
-        return None
-    found = re.search(rf"\b{key}\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|(True|False))", text[start:start + 600])
-    return None if found is None else next(g for g in found.groups() if g is not None)
+class _Unread:
+    """A config value that is not a literal (a name, an expression): its source text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _literal(node: ast.AST, source: str) -> object:
+    """A config expression as Python values without running it: literals, ``dict(...)`` calls,
+    ``[...]``, ``(...)``, ``{...}``; anything else becomes :class:`_Unread`."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {k.arg: _literal(k.value, source) for k in node.keywords if k.arg is not None}
+    if isinstance(node, ast.Dict):
+        return {_literal(k, source): _literal(v, source) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e, source) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return _Unread(ast.get_source_segment(source, node) or type(node).__name__)
+
+
+def _python_config(text: str) -> dict:
+    """The top-level assignments of an mmengine / mmcv config's ``pretty_text`` (Python source), read
+    with :mod:`ast`, never executed; {} for text that is not Python."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    values = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
+                and isinstance(statement.targets[0], ast.Name):
+            values[statement.targets[0].id] = _literal(statement.value, text)
+    return values
+
+
+# mmaction2 1.2's ResNet3d arguments that change the function, with its signature's default and the
+# value our "mmaction2" stem and bottlenecks compute (None: any value, checked elsewhere).
+_MM_BACKBONE = {
+    "conv1_stride_s": (2, 2), "conv1_stride_t": (1, 2), "pool1_stride_s": (2, 2), "pool1_stride_t": (1, 2),
+    "with_pool1": (True, True), "with_pool2": (True, True), "style": ("pytorch", "pytorch"),
+    "spatial_strides": ((1, 2, 2, 2), (1, 2, 2, 2)), "temporal_strides": ((1, 1, 1, 1), (1, 1, 1, 1)),
+    "dilations": ((1, 1, 1, 1), (1, 1, 1, 1)), "inflate_style": ("3x1x1", "3x1x1"), "num_stages": (4, 4),
+    "out_indices": ((3,), (3,)), "in_channels": (3, 3),
+}
+# mmcv's _NonLocalNd / NonLocal3d defaults for the keys of ResNet3d's non_local_cfg (default dict())
+_MM_NONLOCAL_DEFAULTS = {"mode": "embedded_gaussian", "use_scale": True, "sub_sample": False, "norm_cfg": None}
+
+
+def _same(value: object, expected: object) -> bool:
+    if isinstance(expected, tuple) and isinstance(value, (list, tuple)):
+        return len(value) == len(expected) and all(_same(v, e) for v, e in zip(value, expected))
+    return type(value) is type(expected) and value == expected or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and not isinstance(expected, bool)
+        and isinstance(expected, (int, float)) and value == expected)
+
+
+def _mm_model(config: str) -> dict | None:
+    """The ``model`` dict of an mmaction2 config text, or None where the text has none."""
+    model = _python_config(config).get("model") if config else None
+    return model if isinstance(model, dict) and isinstance(model.get("backbone"), dict) else None
+
+
+def _mm_type(part: dict, where: str, accepted: tuple[str, ...]) -> None:
+    kind = part.get("type")
+    if str(kind).split(".")[-1] not in accepted:
+        raise ValueError(f"source: its config's {where}.type is {kind!r}: only {' / '.join(accepted)} converts")
+
+
+def _mm_checked_backbone(backbone: dict) -> float:
+    """Refuse the ResNet3d arguments under which mmaction2 computes another function than ours
+    (each named, with the default where the config leaves it out); the BN epsilon it uses."""
+    _mm_type(backbone, "model.backbone", ("ResNet3d",))
+    for key, (default, ours) in _MM_BACKBONE.items():
+        value = backbone.get(key, default)
+        if not _same(value, ours):
+            said = "" if key in backbone else f" (mmaction2's default: the config leaves it out)"
+            raise ValueError(f"source: its config's model.backbone.{key} is {value!r}{said}; only {ours!r} converts "
+                             f"(the network it gives differs from ours)")
+    for key, accepted in (("conv_cfg", ("Conv3d", "Conv")), ("act_cfg", ("ReLU",)),
+                          ("norm_cfg", ("BN3d", "SyncBN", "BN", "MMSyncBN"))):
+        if key in backbone:
+            part = backbone[key]
+            if not isinstance(part, dict):
+                raise ValueError(f"source: its config's model.backbone.{key} is {part!r}: expected a dict")
+            _mm_type(part, f"model.backbone.{key}", accepted)
+    norm = backbone.get("norm_cfg") if isinstance(backbone.get("norm_cfg"), dict) else {}
+    eps = norm.get("eps", PEER_BN_EPS)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"source: its config's model.backbone.norm_cfg.eps is {eps!r}: expected a positive number")
+    return float(eps)
+
+
+def _mm_pixels(model: dict, config: str) -> tuple[list[float], list[float]]:
+    """The input normalisation mmaction2 applies: its ``data_preprocessor`` (mmaction2 1.x; mean / std
+    None, the defaults, normalise nothing), else ``img_norm_cfg`` (0.x), else ImageNet's."""
+    preprocessor = model.get("data_preprocessor")
+    if isinstance(preprocessor, dict):
+        _mm_type(preprocessor, "model.data_preprocessor", ("ActionDataPreprocessor",))
+        for key, default in (("to_rgb", False), ("format_shape", "NCTHW")):
+            if preprocessor.get(key, default) != default:
+                raise ValueError(f"source: its config's model.data_preprocessor.{key} is {preprocessor[key]!r}: "
+                                 f"only {default!r} converts")
+        mean, std = preprocessor.get("mean"), preprocessor.get("std")
+        mean = [0.0, 0.0, 0.0] if mean is None else mean
+        std = [1.0, 1.0, 1.0] if std is None else std
+    else:
+        norm = _python_config(config).get("img_norm_cfg")
+        if not isinstance(norm, dict):
+            return list(IMAGENET_PIXELS[0]), list(IMAGENET_PIXELS[1])
+        if norm.get("to_bgr", False) or not norm.get("to_rgb", True):
+            raise ValueError(f"source: its config's img_norm_cfg {norm!r} feeds BGR frames: only RGB converts")
+        mean, std = norm.get("mean"), norm.get("std")
+    try:
+        values = [[float(v) for v in vector] for vector in (mean, std)]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 2 or any(len(v) != 3 for v in values):
+        raise ValueError(f"source: its config's input mean / std are {mean!r} / {std!r}: expected 3 numbers each")
+    return values[0], values[1]
 
 
 def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None,
@@ -383,37 +639,67 @@ def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mo
     """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what an
     mmaction2 ``ResNet3d`` + ``I3DHead`` recognizer with these weights computes.
 
-    Always: its stem (pool1 [1,3,3] padded, stride 2 in time), BN epsilon 1e-5 and ImageNet input
-    normalisation. Its ``NonLocal3d`` blocks: the key/value max-pool after the phi / g convs when
-    ``sub_sample`` (``g.0.conv`` keys), the norm of ``conv_out`` (BN, or none), and ``mode`` and
-    ``use_scale`` from the arguments, else from the config text, else what the keys show
-    (Gaussian blocks have no theta) and ``use_scale=False``, the value of mmaction2's non-local
-    configs. Embedded Gaussian and dot product have the same keys: without a config saying which,
-    ``mode`` must be given.
+    Its stem (pool1 [1,3,3] padded, stride 2 in time: ``conv1_stride_t=2, pool1_stride_t=2``), BN
+    epsilon and input normalisation; its ``NonLocal3d`` blocks: the key/value max-pool after the
+    phi / g convs when ``sub_sample`` (``g.0.conv`` keys), the norm of ``conv_out`` (BN, or none),
+    ``mode`` and ``use_scale``. The config text saved with the weights (mmengine's ``meta['cfg']``)
+    is read without running it; where it leaves an argument out, mmaction2's and mmcv's defaults
+    hold (``use_scale=True``, ``mode='embedded_gaussian'``, ``conv1_stride_t=1``, ...), and an
+    argument under which mmaction2 computes another function than ours (``style='caffe'``,
+    strides, dilations, ``with_pool2=False``, ...) is a ``ValueError`` naming it. Without a config:
+    mmaction2's I3D recipe, ImageNet normalisation, ``mode`` and ``scale`` from the arguments
+    (Gaussian blocks, which have no theta, are recognised by their keys; embedded Gaussian and dot
+    product have the same keys, so ``mode`` is needed) and ``use_scale=False``, the value of all
+    mmaction2's non-local configs. ``mode`` / ``scale`` given override the config.
     """
-    options: dict = {"stem": "mmaction2", "bn_eps": PEER_BN_EPS, "pixel_mean": list(IMAGENET_PIXELS[0]),
-                     "pixel_std": list(IMAGENET_PIXELS[1])}
+    model = _mm_model(config)
+    eps, pixels = PEER_BN_EPS, (list(IMAGENET_PIXELS[0]), list(IMAGENET_PIXELS[1]))
+    nonlocal_cfg: dict | None = None
+    if model is not None:
+        backbone = model["backbone"]
+        eps = _mm_checked_backbone(backbone)
+        head = model.get("cls_head")
+        if isinstance(head, dict):
+            _mm_type(head, "model.cls_head", ("I3DHead",))
+            if head.get("spatial_type", "avg") != "avg":
+                raise ValueError(f"source: its config's model.cls_head.spatial_type is {head['spatial_type']!r}: "
+                                 f"only 'avg' converts")
+        pixels = _mm_pixels(model, config)
+        nonlocal_cfg = backbone.get("non_local_cfg", {})
+        if not isinstance(nonlocal_cfg, dict):
+            raise ValueError(f"source: its config's model.backbone.non_local_cfg is {nonlocal_cfg!r}: expected a dict")
+    options: dict = {"stem": "mmaction2", "bn_eps": eps, "pixel_mean": pixels[0], "pixel_std": pixels[1]}
     blocks = [k for k in state if ".non_local_block." in k]
     if not blocks:
         return options
     has_theta = any(".non_local_block.theta." in k for k in blocks)
     from_keys = "gaussian" if not has_theta else "concatenation" if any(".concat_project." in k for k in blocks) \
         else None
-    mode = mode or _config_value(config, "non_local_cfg", "mode") or from_keys
+    pooled = any(".non_local_block.g.0." in k for k in blocks)
+    norms = {k.split(".conv_out.")[1].split(".")[0] for k in blocks if ".conv_out." in k} - {"conv"}
+    if nonlocal_cfg is not None:
+        said = {**_MM_NONLOCAL_DEFAULTS, **nonlocal_cfg}
+        mode = mode or said["mode"]
+        scale = said["use_scale"] if scale is None else scale
+        if bool(said["sub_sample"]) != pooled or (said["norm_cfg"] is None) != (not norms):
+            raise ValueError(f"source: its config's model.backbone.non_local_cfg {nonlocal_cfg!r} (sub_sample "
+                             f"{said['sub_sample']!r}, norm_cfg {said['norm_cfg']!r} with mmcv's defaults) does not "
+                             f"fit its weights, whose blocks are {'' if pooled else 'not '}subsampled and have "
+                             f"{'a norm' if norms else 'no norm'}")
+        if not isinstance(mode, str) or not isinstance(scale, bool):
+            raise ValueError(f"source: its config's non_local_cfg mode / use_scale are {mode!r} / {scale!r}: "
+                             f"expected a mode name and True or False")
+    mode = mode or from_keys
     if mode is None:
         raise ValueError("mode: the checkpoint's non-local blocks may be 'embedded_gaussian' or 'dot_product' (same "
                          "keys) and it holds no config saying which; pass --mode")
     if (mode == "gaussian") == has_theta:
         raise ValueError(f"mode: {mode!r} does not fit the checkpoint, whose non-local blocks "
                          f"{'have' if has_theta else 'have no'} theta convs")
-    if scale is None:
-        found_scale = _config_value(config, "non_local_cfg", "use_scale")
-        scale = found_scale == "True" if found_scale is not None else False
-    norms = {k.split(".conv_out.")[1].split(".")[0] for k in blocks if ".conv_out." in k} - {"conv"}
     if norms - {"bn"}:
         raise ValueError(f"source: non-local conv_out norms {sorted(norms)}: only BN ('bn') or none is converted")
     options["nonlocal_options"] = {
-        "mode": mode, "pool": "after", "subsample": any(".non_local_block.g.0." in k for k in blocks),
+        "mode": mode, "pool": "after", "subsample": pooled,
         "scale": bool(scale) if mode == "embedded_gaussian" else False, "norm": "batch" if norms else "none",
     }
     return options
@@ -454,15 +740,52 @@ def convert_mmaction2(state: Mapping[str, torch.Tensor], model: nn.Module, *,
                      zero=lambda key: key.endswith(".nonlocal_block.out.bias"))
 
 
+# PySlowFast's config keys (slowfast/config/defaults.py) that change a C2D / I3D ResNet's function:
+# its default, where a config leaves the key out, and the value our "slowfast" stem and bottlenecks compute.
+_SF_FIXED = {
+    ("RESNET", "STRIDE_1X1"): (False, False), ("RESNET", "SPATIAL_STRIDES"): ([[1], [2], [2], [2]],) * 2,
+    ("RESNET", "SPATIAL_DILATIONS"): ([[1], [1], [1], [1]],) * 2,
+    ("RESNET", "TRANS_FUNC"): ("bottleneck_transform", "bottleneck_transform"), ("RESNET", "NUM_GROUPS"): (1, 1),
+    ("DATA", "REVERSE_INPUT_CHANNEL"): (False, False), ("DETECTION", "ENABLE"): (False, False),
+    ("BN", "NORM_TYPE"): ("batchnorm", ("batchnorm", "sync_batchnorm")),
+}
+
+
+def _sf_checked(cfg: dict) -> None:
+    """Refuse the keys of a PySlowFast config under which its network computes another function
+    than ours, each named (with its default where the config leaves it out)."""
+    arch = (cfg.get("MODEL") or {}).get("ARCH", "slowfast")
+    if arch not in ("i3d", "c2d"):
+        said = "" if "ARCH" in (cfg.get("MODEL") or {}) else " (PySlowFast's default: the config leaves it out)"
+        raise ValueError(f"source: its config's MODEL.ARCH is {arch!r}{said}: only PySlowFast's C2D and I3D ResNets "
+                         f"(with pool2) convert")
+    for (section, key), (default, ours) in _SF_FIXED.items():
+        part = cfg.get(section) or {}
+        value = part.get(key, default)
+        accepted = ours if isinstance(ours, tuple) else (ours,)
+        if not any(_same(_tuples(value), _tuples(a)) for a in accepted):
+            said = "" if key in part else " (PySlowFast's default: the config leaves it out)"
+            raise ValueError(f"source: its config's {section}.{key} is {value!r}{said}; only "
+                             f"{' or '.join(repr(a) for a in accepted)} converts (the network it gives differs from ours)")
+
+
+def _tuples(value: object) -> object:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None) -> dict:
     """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what a
     PySlowFast ``ResNet`` (``MODEL.ARCH`` c2d or i3d) with these weights computes: its stem
     (pool1 padded), BN epsilon 1e-5, its ``DATA.MEAN`` / ``DATA.STD``, and for its ``Nonlocal``
     blocks (pool before the convs as ours, logits x 1/sqrt(C')) ``NONLOCAL.INSTANTIATION``
-    (``softmax`` or ``dot_product``; ``mode`` overrides it, and is needed without a config) and
-    ``NONLOCAL.POOL`` per stage. A config of another architecture (SlowFast, X3D, C2D without
-    pool2, temporal groups) is an error."""
-    cfg = {}
+    (``softmax`` or ``dot_product``; ``mode`` overrides it) and ``NONLOCAL.POOL`` per stage.
+
+    The config (its ``cfg``, YAML) is read with PySlowFast's defaults where it leaves a key out
+    (``MODEL.ARCH`` slowfast, ``NONLOCAL.INSTANTIATION`` dot_product, ...); a key under which its
+    network computes another function than ours (another architecture, ``RESNET.STRIDE_1X1``,
+    ``SPATIAL_STRIDES``, ``SPATIAL_DILATIONS``, groups, BGR input, a detection head) is a
+    ``ValueError`` naming it. Without a config, ``mode`` is needed."""
+    cfg = None
     if config:
         try:
             cfg = yaml.safe_load(config) or {}
@@ -470,22 +793,21 @@ def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mod
             raise ValueError(f"source: its 'cfg' is not YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"source: its 'cfg' is not a PySlowFast config (YAML of {type(cfg).__name__})")
-    arch = (cfg.get("MODEL") or {}).get("ARCH", "i3d")
-    if arch not in ("i3d", "c2d"):
-        raise ValueError(f"source: MODEL.ARCH {arch!r}: only PySlowFast's C2D and I3D ResNets (with pool2) convert")
-    data = cfg.get("DATA") or {}
+        _sf_checked(cfg)
+    data = (cfg or {}).get("DATA") or {}
     options: dict = {"stem": "slowfast", "bn_eps": PEER_BN_EPS}
-    for key, name in (("MEAN", "pixel_mean"), ("STD", "pixel_std")):
-        if key in data:
-            options[name] = [float(v) * 255.0 for v in data[key]]
+    if cfg is not None:
+        for key, name, default in (("MEAN", "pixel_mean", 0.45), ("STD", "pixel_std", 0.225)):
+            options[name] = [float(v) * 255.0 for v in data.get(key, [default] * 3)]
     blocks = [k for k in state if ".pathway0_nonlocal" in k]
     if not blocks:
         return options
-    nonlocal_cfg = cfg.get("NONLOCAL") or {}
-    instantiation = nonlocal_cfg.get("INSTANTIATION")
-    if mode is None and instantiation is not None:
+    nonlocal_cfg = (cfg or {}).get("NONLOCAL") or {}
+    if mode is None and cfg is not None:
+        instantiation = nonlocal_cfg.get("INSTANTIATION", "dot_product")
         if instantiation not in _SOFTMAX:
-            raise ValueError(f"source: NONLOCAL.INSTANTIATION {instantiation!r}: expected 'softmax' or 'dot_product'")
+            raise ValueError(f"source: its config's NONLOCAL.INSTANTIATION is {instantiation!r}: expected 'softmax' or "
+                             f"'dot_product'")
         mode = _SOFTMAX[instantiation]
     if mode is None:
         raise ValueError("mode: the checkpoint holds no config with NONLOCAL.INSTANTIATION; pass --mode "
@@ -559,7 +881,10 @@ def read_weights(path: str | PathLike, *, mmap: bool = False) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # a truncated zip, a pickle with code, ...: say which file
-        raise ValueError(f"weights: {path} is not a loadable weights file ({type(err).__name__}: {err})") from None
+        code = sorted(name for name in _pickle_globals(path) if _code_global(name))
+        reason = f"it names {', '.join(code)}, which a weights file needs only to run code" if code else \
+            f"{type(err).__name__}: {_reason(err)}"
+        raise ValueError(f"weights: {path} is not a loadable weights file ({reason})") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return {"options": {}, "classes": None, **data}
     for wrapper in ("state_dict", "model"):  # common training-script layouts
