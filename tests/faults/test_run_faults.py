@@ -189,6 +189,15 @@ def test_reports_are_strict_json_with_null_for_nan(trained, tiny_set, tmp_path):
         strict_json(line)
 
 
+def test_evaluate_prints_and_writes_strict_json(trained, tmp_path, monkeypatch, capsys):
+    report = {"mAP": float("nan"), "videos": 4, "per_class_ap": [0.5, float("nan")]}  # e.g. no positive at all
+    monkeypatch.setattr(engine, "evaluate_checkpoint", lambda *a, **k: report)
+    rc = main(["evaluate", "--weights", str(trained / "checkpoint.pt"), "--json", str(tmp_path / "report.json")])
+    assert rc == 0
+    assert strict_json(capsys.readouterr().out) == {"mAP": None, "videos": 4}
+    assert strict_json((tmp_path / "report.json").read_text())["per_class_ap"] == [0.5, None]
+
+
 def test_evaluate_reads_only_the_validation_list(trained, tiny_set):
     report = engine.evaluate_checkpoint(trained / "checkpoint.pt", overrides=["data.train=/nowhere/train.txt"])
     assert report["videos"] == 4
