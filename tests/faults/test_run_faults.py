@@ -20,7 +20,7 @@ import torch
 from faultkit import tiny_config, tiny_overrides
 
 from nonlocalnet import checkpoint as ckpt
-from nonlocalnet import engine
+from nonlocalnet import engine, lock
 from nonlocalnet.cli import main
 
 
@@ -208,9 +208,12 @@ def test_evaluate_reads_only_the_validation_list(trained, tiny_set):
 
 def test_a_second_run_into_the_same_out_is_refused(tiny_set, tmp_path, capsys):
     out = tmp_path / "run"
+    # the package's lock module alone (importing the package, torch included, takes seconds)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from nonlocalnet.lock import exclusive\n"
-         f"with exclusive({str(out / '.lock')!r}, what='x'):\n    print('held', flush=True); time.sleep(120)"],
+        [sys.executable, "-c", "import importlib.util, sys, time\n"
+         f"spec = importlib.util.spec_from_file_location('lock', {str(Path(lock.__file__))!r})\n"
+         "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
+         f"with lock.exclusive({str(out / '.lock')!r}, what='x'):\n    print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
