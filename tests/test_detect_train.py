@@ -31,7 +31,7 @@ SMALL = ["model.min_size=[64]", "model.max_size=96", "model.trainable_layers=5",
          "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=50",
          "model.detector.rpn_pre_nms_top_n_test=100", "model.detector.rpn_post_nms_top_n_test=50",
          "model.detector.box_batch_size_per_image=64", "model.detector.box_detections_per_img=10",
-         "optim.lr=0.02", "optim.clip_grad_norm=10", "optim.warmup=10", "optim.warmup_factor=0.1",
+         "optim.lr=0.02", "optim.steps=[]", "optim.clip_grad_norm=10", "optim.warmup=10", "optim.warmup_factor=0.1",
          "data.workers=0", "train.progress=false", "train.tensorboard=false"]
 
 

@@ -1,6 +1,8 @@
 """Command line: ``nonlocalnet <command>`` (also ``python -m nonlocalnet``).
 
-Each handler parses nothing itself and calls one library function.
+Each handler parses nothing itself and calls one library function. Every error, a bad argument
+or one the work ran into, is one line on stderr (``nonlocalnet <command>: error: <message>``,
+naming the input or the path) and exit code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .bench import SHAPES
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    _output_file(args.json, "json")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     shape = bench.parse_shape(args.shape)
@@ -35,9 +38,31 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(_bench_table(reports, bench))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "shape": shape, "roof_gflops": roof, "reports": [_as_dict(r) for r in reports]}, f, indent=1)
+        _write_json(args.json, {"env": env, "shape": shape, "roof_gflops": roof,
+                                "reports": [_as_dict(r) for r in reports]})
     return 0
+
+
+def _output_file(path: str | None, flag: str) -> None:
+    """An output file the command will write (``None``: not asked for) is not a folder; checked
+    before the work, not after it."""
+    if path is not None and os.path.isdir(path):
+        raise ValueError(f"{flag}: expected a file to write, got the folder {path!r}")
+
+
+def _json_text(data) -> str:
+    from ._json import dumps  # strict JSON: NaN written as null
+
+    return dumps(data, indent=1)
+
+
+def _write_json(path: str, data) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(_json_text(data) + "\n")
+    except OSError as err:  # ENOSPC while writing names no file
+        err.filename = err.filename or path
+        raise
 
 
 def _bench_table(reports, bench) -> str:
@@ -122,11 +147,28 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from .recipes import list_recipes
+
+    rows = list_recipes(args.table)
+    if not rows:
+        raise ValueError(f"table: expected a table of the paper (2a .. 2g, 3, 4, 5, 6) or a pattern such as '2*', "
+                         f"got {args.table!r}")
+    head = f"{'table':<6} {'row':<34} {'paper':<44} config"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        where = r.config + (f" ({r.note})" if r.note else "") if r.config else f"out of reach: {r.note}"
+        print(f"{r.table:<6} {r.row:<34} {r.paper or '-':<44} {where}")
+    print("train a row: nonlocalnet train CONFIG (each config's comments give its recipe, initial weights and launch)")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from . import weights
     from .models import create_model, model_card
 
     model_card(args.model)  # an unknown name before any file is read
+    _output_file(args.out, "out")
     peer = getattr(args, "peer", "caffe2")
     if args.command == "convert" and args.use_scale is not None and peer != "mmaction2":
         raise ValueError("use_scale: --use-scale / --no-use-scale is for --from mmaction2")
@@ -214,6 +256,8 @@ def _training(args: argparse.Namespace, jobs, schema, default: str) -> int:
 
     cfg = load_config(_recipe(args.config, default), args.set, schema=schema)
     out = args.out or os.path.join("runs", os.path.basename(args.config or default).removesuffix(".yaml"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: expected a folder for the run, got the file {out!r}")
     with distributed.session() as main:
         _logging()
         summary = jobs.train_job(cfg, out, resume=args.resume)
@@ -223,16 +267,11 @@ def _training(args: argparse.Namespace, jobs, schema, default: str) -> int:
     return 0
 
 
-def _json_text(data) -> str:
-    from ._json import dumps  # strict JSON: NaN written as null
-
-    return dumps(data, indent=1)
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from . import distributed, engine
     from .config import load_config
 
+    _output_file(args.json, "json")
     cfg = load_config(_recipe(args.config), args.set) if args.config else None
     with distributed.session() as main:
         _logging()
@@ -241,8 +280,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if main:
         print(_json_text({k: v for k, v in report.items() if not isinstance(v, list)}))
         if args.json:
-            with open(args.json, "w") as f:
-                f.write(_json_text(report) + "\n")
+            _write_json(args.json, report)
     return 0
 
 
@@ -270,6 +308,7 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
     from . import detect, distributed
     from .config import DetectConfig, load_config
 
+    _output_file(args.json, "json")
     cfg = load_config(_recipe(args.config), args.set, schema=DetectConfig) if args.config else None
     with distributed.session() as main:
         _logging()
@@ -278,8 +317,7 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
         print(detect.summary_table({"model": report}))
         print(_json_text(report))
         if args.json:
-            with open(args.json, "w") as f:
-                f.write(_json_text(report) + "\n")
+            _write_json(args.json, report)
     return 0
 
 
@@ -297,10 +335,13 @@ def _cli_model(args: argparse.Namespace):
         from .engine import load_trained
 
         model, cfg = load_trained(args.checkpoint)[:2]
+        _same_model(args, cfg.model.name)
         return model, frames or cfg.data.frames, rate or cfg.data.rate
     from .weights import FORMAT
 
     saved = state if isinstance(state, dict) and state.get("format") == FORMAT else {}  # save_weights / convert
+    if saved.get("model"):
+        _same_model(args, saved["model"])
     name = args.model or saved.get("model")
     if not name:
         raise ValueError("model: expected --model NAME (with --checkpoint for trained weights) or a training "
@@ -314,9 +355,19 @@ def _cli_model(args: argparse.Namespace):
     return model, frames or card.frames, rate or card.rate
 
 
+def _same_model(args: argparse.Namespace, held: str) -> None:
+    """A model name given on the command line is the one the checkpoint holds (``held``; empty: a
+    ResNet3d built from a training config's fields)."""
+    if args.model and args.model != held:
+        flag = "NAME" if args.command == "export" else "--model"
+        what = f"{held!r}; give that name" if held else "a ResNet3d built from its config's fields, no zoo model;"
+        raise ValueError(f"model: {flag} is {args.model!r} but {args.checkpoint} holds {what} or leave {flag} out")
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from . import visualize
 
+    _output_file(args.out, "out")
     model, frames, rate = _cli_model(args)
     queries = [_query(text) for text in args.queries or []]
     clip, pixels = visualize.load_clip(args.video, frames, rate, args.size)
@@ -333,9 +384,10 @@ def _visualize(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    model, frames, _ = _cli_model(args)
-    name = args.model or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    name = args.model or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint or ".")))
     out = args.out or f"{name}.{ {'onnx': 'onnx', 'torchscript': 'ts', 'pt2': 'pt2'}[args.format] }"
+    _output_file(out, "out")
+    model, frames, _ = _cli_model(args)
     report = export_model(model, out, args.format, frames=frames, size=args.size, atol=args.atol)
     print(f"wrote {report['path']} ({args.format}; dynamic {report['dynamic']}); checked on a clip of shape "
           f"{tuple(report['checked'])}: max abs error {report['max_abs_error']:.2e}")
@@ -371,8 +423,21 @@ def _training_arguments(p: argparse.ArgumentParser, handler, default: str) -> No
     p.set_defaults(handler=handler)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage is in ``--help``) and whose
+    every command takes ``--debug``; the parsers of the commands are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, raise it with its traceback instead of the one-line message")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nonlocalnet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nonlocalnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -387,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--clips", type=_positive, help="clips per video (default: the config's, paper 10)")
     p.add_argument("--crops", type=int, choices=(1, 3), help="crops per clip (default: the config's, paper 3)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--json", help="also write the full report (per-class accuracy, confusion) here")
     p.set_defaults(handler=_evaluate)
 
@@ -429,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_positive, help="sampling rate (default: the model's)")
     p.add_argument("--size", type=_positive, default=224, help="shorter side and centre crop (default 224)")
     p.add_argument("--show", type=_positive, default=8, help="frames in the picture (default 8)")
-    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--out", default="attention.png", help="PNG path; the GIF goes beside it")
     p.set_defaults(handler=_visualize)
 
@@ -442,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default NAME.onnx / .ts / .pt2)")
     p.add_argument("--frames", type=_positive, help="example clip length (default: the model's)")
     p.add_argument("--size", type=_positive, default=224, help="input height and width (fixed; default 224)")
-    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from PyTorch")
     p.set_defaults(handler=_export)
 
@@ -451,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--impls", nargs="+", default=["auto", "naive"], choices=IMPLS,
                    help="attention implementations to time (default: auto naive)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is shown")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed runs per case; the median is shown")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--forward-only", action="store_true", help="skip the training step (forward + backward)")
@@ -461,15 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("info", help="parameters and FLOPs per stage of a zoo model")
     p.add_argument("model", help="a zoo name (see `nonlocalnet models`)")
-    p.add_argument("--frames", type=int, help="input frames (default: the model's)")
-    p.add_argument("--size", type=int, default=224, help="input height and width (default 224; the test views are 256)")
-    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--frames", type=_positive, help="input frames (default: the model's)")
+    p.add_argument("--size", type=_positive, default=224, help="input height and width (default 224; the test views are 256)")
+    p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--inflation", choices=["c2d", "3x1x1", "3x3x3"], help="override the model's inflation")
     p.set_defaults(handler=_info)
 
     p = commands.add_parser("models", help="list the zoo: input, size, cost and the paper's and official accuracy")
     p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'i3d*_r50'")
     p.set_defaults(handler=_models)
+
+    p = commands.add_parser("recipes", help="each row of the paper's Tables 2-6 and the shipped config that trains it")
+    p.add_argument("table", nargs="?", help="a table (2a, 2g, 4, ...) or a shell pattern such as '2*' (default: all)")
+    p.set_defaults(handler=_recipes)
 
     p = commands.add_parser("convert", help="a trained checkpoint of the official Caffe2 release, mmaction2 or "
                                             "PySlowFast -> our weights file (with the options it needs)")
@@ -479,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose checkpoint (default caffe2: the official release)")
     p.add_argument("--model", required=True, help="the zoo model the checkpoint belongs to, e.g. i3d_nl5_r50 "
                                                   "(mmaction2's I3D NL 32x2) or i3d_nl5_r50_8x8 (PySlowFast's I3D NLN)")
-    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--mode", choices=("embedded_gaussian", "dot_product", "gaussian", "concatenation"),
                    help="the non-local blocks' mode when the checkpoint's config does not say (mmaction2's "
                         "embedded Gaussian and dot-product blocks have the same keys)")
@@ -498,21 +567,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="RESNET2D.pth")
     p.add_argument("out", metavar="OUT.pt")
     p.add_argument("--model", required=True)
-    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--num-classes", type=_positive, default=400)
     p.set_defaults(handler=_convert)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version or a usage error (its one line printed)
+        return done.code if isinstance(done.code, int) else 0
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # one line, not a traceback: bad arguments,
-        if isinstance(err, ImportError) and "nonlocalnet[" not in str(err):  # or a missing extra (named)
+    except Exception as err:  # not KeyboardInterrupt or SystemExit
+        if getattr(args, "debug", False):
             raise
         command = " ".join(filter(None, (args.command, getattr(args, "detect_command", None))))
-        print(f"nonlocalnet {command}: error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        where = "" if rank == "0" else f"rank {rank}: "  # under torchrun every rank tells its own
+        print(f"nonlocalnet {command}: error: {where}{error_message(err)}", file=sys.stderr)
         return 2
+
+
+def error_message(err: BaseException) -> str:
+    """``err`` on one line: bad input (``ValueError``, a missing extra's ``ImportError``) as its
+    message, which names the input; an ``OSError`` with its path; anything else with its type and
+    the hint to run with ``--debug``."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        paths = " -> ".join(os.fspath(p) for p in (err.filename, err.filename2) if p is not None)
+        return f"{paths}: {err.strerror}"
+    if isinstance(err, (ValueError, FileNotFoundError)) or (isinstance(err, ImportError) and "nonlocalnet[" in text):
+        return text or type(err).__name__
+    return f"{type(err).__name__}{': ' + text if text else ''} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

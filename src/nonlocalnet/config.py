@@ -8,6 +8,7 @@ Merging is strict (OmegaConf structured configs): an unknown key or a value of t
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -97,6 +98,7 @@ class TrainConfig:
     tensorboard: Optional[bool] = None  # null: if installed; true: required; false: off
     progress: bool = True
     compare_baseline: bool = False  # also train the same network without non-local blocks
+    timeout: int = 600  # seconds a torchrun rank waits for the others at a collective before the job stops
 
 
 @dataclass
@@ -152,6 +154,7 @@ class DetectTrainConfig:
     tensorboard: Optional[bool] = None
     progress: bool = True
     compare_baseline: bool = False  # also train the same detector without non-local blocks
+    timeout: int = 600  # seconds a torchrun rank waits for the others at a collective before the job stops
 
 
 def _detect_optim() -> OptimConfig:
@@ -180,10 +183,31 @@ def _check_share(key: str, value: float) -> None:
         raise ValueError(f"{key}: expected a share in [0, 1] (1: off), got {value}")
 
 
+def _one_of(key: str, value: str, choices: Sequence[str]) -> None:
+    """``value`` is one of ``choices``; otherwise an error naming ``key``, with the closest choice."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key}: expected one of {', '.join(choices)}, got {value!r}{hint}")
+
+
 def _check_optim(cfg: OptimConfig) -> None:
     _at_least(1, {"optim.batch_size": cfg.batch_size, "optim.accumulate": cfg.accumulate,
                   "optim.iterations": cfg.iterations})
     _at_least(0, {"optim.warmup": cfg.warmup})
+    if not cfg.lr > 0:  # also NaN
+        raise ValueError(f"optim.lr: expected a learning rate > 0, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"optim.momentum: expected a momentum in [0, 1), got {cfg.momentum}")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"optim.weight_decay: expected a weight decay >= 0, got {cfg.weight_decay}")
+    if not cfg.gamma > 0:
+        raise ValueError(f"optim.gamma: expected an LR factor > 0, got {cfg.gamma}")
+    steps = cfg.steps
+    if cfg.schedule == "steps" and (any(b <= a for a, b in zip(steps, steps[1:]))
+                                    or any(not 0 < s < cfg.iterations for s in steps)):
+        raise ValueError(f"optim.steps: expected increasing iterations between 0 and optim.iterations "
+                         f"({cfg.iterations}) at which the LR drops, got {steps}")
     if not 0 <= cfg.warmup_factor <= 1:
         raise ValueError(f"optim.warmup_factor: expected a factor in [0, 1], got {cfg.warmup_factor}")
     if cfg.clip_grad_norm < 0:
@@ -210,13 +234,12 @@ def _check_detect(cfg: DetectConfig) -> DetectConfig:
     if not m.min_size or min(m.min_size) < 1 or m.max_size < max(m.min_size):
         raise ValueError(f"model.min_size: expected positive sizes up to model.max_size ({m.max_size}), "
                          f"got {m.min_size}")
-    if d.dataset not in ("shapes", "coco"):
-        raise ValueError(f"data.dataset: expected 'shapes' or 'coco', got {d.dataset!r}")
+    _one_of("data.dataset", d.dataset, ("shapes", "coco"))
     if len(d.shapes_size) != 2 or min(d.shapes_size) < 32:
         raise ValueError(f"data.shapes_size: expected [height, width] of at least 32, got {d.shapes_size}")
     _at_least(1, {"data.shapes_train": d.shapes_train, "data.shapes_val": d.shapes_val,
                   "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
-                  "train.eval_batch_size": t.eval_batch_size})
+                  "train.eval_batch_size": t.eval_batch_size, "train.timeout": t.timeout})
     _at_least(0, {"data.workers": d.workers, "train.eval_every": t.eval_every})
     _check_share("data.max_unreadable", d.max_unreadable)
     return cfg
@@ -227,10 +250,12 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     if isinstance(cfg, DetectConfig):
         return _check_detect(cfg)
     _check_optim(cfg.optim)
+    _one_of("data.dataset", cfg.data.dataset, ("synthetic", "list", "kinetics", "folders", "charades"))
     _at_least(1, {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
                   "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
                   "data.test_clips": cfg.data.test_clips, "train.checkpoint_every": cfg.train.checkpoint_every,
-                  "train.log_every": cfg.train.log_every, "model.width": 1 if cfg.model.width is None else cfg.model.width})
+                  "train.log_every": cfg.train.log_every, "model.width": 1 if cfg.model.width is None else cfg.model.width,
+                  "train.timeout": cfg.train.timeout})
     _at_least(0, {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
                   "train.eval_every": cfg.train.eval_every})
     _check_share("data.max_unreadable", cfg.data.max_unreadable)
@@ -251,34 +276,74 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     return cfg
 
 
+def _yaml_problem(err: Exception, where: bool = True) -> str:
+    """A YAML parser error on one line: what (and ``where`` in the file)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if where and mark is not None else ""
+    return f"malformed YAML ({getattr(err, 'problem', None) or str(err).splitlines()[0]}{where})"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), schema: type = Config):
     """Defaults of ``schema`` (:class:`Config` or :class:`DetectConfig`), then the YAML file at
-    ``path``, then ``key=value`` overrides (``optim.lr=0.005``); checked with :func:`check_config`."""
+    ``path``, then ``key=value`` overrides (``optim.lr=0.005``); checked with :func:`check_config`.
+    A mapping the file gives (``model.options``) replaces the default's."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(schema)
     if path is not None:
+        name = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config: no such file {os.fspath(path)!r}")
+            raise FileNotFoundError(f"config: no such file {name!r}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            top = yaml.safe_load(text)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            problem = _yaml_problem(err) if isinstance(err, yaml.YAMLError) else "not a UTF-8 text file"
+            raise ValueError(f"config in {name}: {problem}") from None
+        if top is not None and not isinstance(top, dict):
+            raise ValueError(f"config in {name}: expected sections ({', '.join(merged)}) at the top level, got a "
+                             f"{type(top).__name__}")
+        for section, values in (top or {}).items():
+            if section in merged and values is not None and not isinstance(values, dict):
+                raise ValueError(f"config in {name}: {section}: expected a mapping of {section}.* settings, got "
+                                 f"{values!r}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(text))
         except OmegaConfBaseException as err:
-            raise ValueError(f"config in {os.fspath(path)}: {str(err).splitlines()[0]} "
+            raise ValueError(f"config in {name}: {str(err).splitlines()[0]} "
                              f"(key: {getattr(err, 'full_key', '?')})") from None
     return merge_overrides(OmegaConf.to_object(merged), overrides)
 
 
 def merge_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """``key=value`` overrides on an existing configuration (a checkpoint's)."""
-    from omegaconf import OmegaConf
+    """``key=value`` overrides on an existing configuration (a checkpoint's), in order. A value
+    replaces the key's (``model.nonlocal_blocks={res4: [0]}`` drops the file's res3 blocks); only a
+    whole section (``model={name: ...}``) merges into the section."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if not o.partition("=")[0] or "=" not in o]
     if bad:
         raise ValueError(f"overrides: expected key=value, got {bad}")
+    merged = OmegaConf.structured(config)
+    for override in overrides:
+        key = override.partition("=")[0]
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+        except yaml.YAMLError as err:
+            raise ValueError(f"overrides: {override!r}: {_yaml_problem(err, where=False)} (key: {key})") from None
+        try:
+            node = OmegaConf.select(merged, key)
+            section = isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None)
+            OmegaConf.update(merged, key, value, merge=section)
+        except OmegaConfBaseException as err:
+            raise ValueError(f"overrides: {str(err).splitlines()[0]} "
+                             f"(key: {getattr(err, 'full_key', None) or key})") from None
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(f"overrides: {str(err).splitlines()[0]} (key: {getattr(err, 'full_key', '?')})") from None
