@@ -176,15 +176,23 @@ def coco_evaluate(model, dataset: CocoDetection, iou_types=("bbox", "segm"), *, 
     return dist.broadcast_object(report)
 
 
+def _no_results(COCO, truth):
+    """The result set of a model that detected nothing, which ``truth.loadRes([])`` refuses to
+    build: the images and categories, no annotations. COCOeval scores it as it scores misses: 0
+    where there is ground truth, -1 only where there is none (no large objects, say)."""
+    found = COCO()
+    found.dataset = {"images": copy.deepcopy(truth.dataset["images"]), "annotations": [],
+                     "categories": copy.deepcopy(truth.dataset["categories"])}
+    found.createIndex()
+    return found
+
+
 def _score(COCO, COCOeval, dataset, results, image_ids, iou_types) -> dict:
     truth = _ground_truth(COCO, dataset.annotation_file)
     report = {}
     for t in iou_types:
-        if not results[t]:  # nothing detected: nothing for COCOeval to score
-            report[t] = {name: -1.0 for name in STAT_NAMES[t]}
-            continue
         with contextlib.redirect_stdout(io.StringIO()):
-            found = truth.loadRes(results[t])
+            found = truth.loadRes(results[t]) if results[t] else _no_results(COCO, truth)
             evaluation = COCOeval(truth, found, t)
             evaluation.params.imgIds = image_ids
             evaluation.params.catIds = list(dataset.category_ids)  # those the data set (and model) has

@@ -2,13 +2,15 @@
 ``--set`` value, a YAML list at the top level, unusable optimiser values, a misspelt data set, sizes
 and counts below one, ``--out`` naming a file where a run folder belongs), ``--set`` on a mapping
 (it must replace the file's value, not merge into it), a model name that contradicts the
-checkpoint's, errors of unexpected types, a full disk (``/dev/full``) and a refused write.
+checkpoint's, errors of unexpected types, a full disk (``/dev/full``) and a refused write; and a
+detector that finds nothing, which must score AP 0 (as COCOeval scores misses), not -1.
 
 Each must end as exactly one line on stderr naming the input (``nonlocalnet <command>: error:
 ...``), exit code 2 and no traceback; ``--debug`` brings the traceback back.
 """
 
 import argparse
+import json
 import os
 
 import pytest
@@ -242,3 +244,30 @@ def test_under_torchrun_a_rank_names_itself(no_training, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     one_line_error(capsys, ["train", "--set", "optim.lr=-1"], "error: rank 1: optim.lr")
 
+
+# ------------------------------------------------------------------- a detector that finds nothing
+
+
+def _two_squares(tmp_path):
+    """Ground truth: a 20 x 20 square (small) in each of two images, category 3; no medium or large objects."""
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 96, "height": 64} for i in (1, 2)],
+            "categories": [{"id": 3, "name": "square"}],
+            "annotations": [{"id": i, "image_id": i, "category_id": 3, "bbox": [10, 10, 20, 20], "area": 400,
+                             "iscrowd": 0, "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]} for i in (1, 2)]}
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(data))
+    return argparse.Namespace(annotation_file=str(path), category_ids=[3])
+
+
+def test_no_detections_score_zero_not_minus_one(tmp_path):
+    pytest.importorskip("pycocotools")
+    from nonlocalnet.detect import STAT_NAMES, _pycocotools, _score
+
+    COCO, COCOeval, _ = _pycocotools()
+    dataset = _two_squares(tmp_path)
+    nothing = _score(COCO, COCOeval, dataset, {"bbox": [], "segm": []}, [1, 2], ("bbox", "segm"))
+    expected = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": -1.0, "APl": -1.0}  # -1: no such objects
+    assert nothing == {"bbox": expected, "segm": expected}
+    miss = [{"image_id": 1, "category_id": 3, "bbox": [60, 40, 20, 20], "score": 0.9}]  # no overlap
+    missed = _score(COCO, COCOeval, dataset, {"bbox": miss}, [1, 2], ("bbox",))
+    assert missed["bbox"] == nothing["bbox"] and set(missed["bbox"]) == set(STAT_NAMES["bbox"])
