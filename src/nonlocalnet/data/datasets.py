@@ -2,7 +2,8 @@
 
 Readers turn an annotation file into :class:`Annotations`: a list of :class:`VideoRecord` (path,
 label or labels) and the class names, whose order is the label mapping (saved with every
-checkpoint). A malformed line is an :class:`AnnotationError` naming the file and the line.
+checkpoint). A malformed line, or one that is not UTF-8, is an :class:`AnnotationError` naming the
+file and the line. Entries whose video file is absent are set aside in ``Annotations.missing``.
 
 - :func:`read_list`: ``path label [label ...]`` per line (mmaction2 / PySlowFast / official lists;
   whitespace or a comma between fields; 0-based labels); several labels make it multi-label.

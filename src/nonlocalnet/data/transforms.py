@@ -82,9 +82,7 @@ def resized_crop(frames: torch.Tensor, size: tuple[int, int], top: int, left: in
     few frames at a time: uint8 (T, H, W, 3) -> float (3, T, S, S)."""
     _check_frames(frames)
     (h, w), (new_h, new_w) = frames.shape[1:3], size
-    if not (0 <= top <= new_h - crop_size and 0 <= left <= new_w - crop_size):
-        raise ValueError(f"crop: a {crop_size} x {crop_size} crop at ({top}, {left}) does not fit a {new_h} x {new_w} "
-                         f"frame")
+    _check_crop(new_h, new_w, top, left, crop_size)
     if (new_h, new_w) == (h, w):
         return to_float(frames[:, top : top + crop_size, left : left + crop_size])
     antialias = min(new_h, new_w) < min(h, w)
@@ -102,10 +100,13 @@ def resized_crop(frames: torch.Tensor, size: tuple[int, int], top: int, left: in
     return out
 
 
-def crop(clip: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
-    h, w = clip.shape[-2:]
+def _check_crop(h: int, w: int, top: int, left: int, size: int) -> None:
     if not (0 <= top <= h - size and 0 <= left <= w - size):
         raise ValueError(f"crop: a {size} x {size} crop at ({top}, {left}) does not fit a {h} x {w} frame")
+
+
+def crop(clip: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    _check_crop(*clip.shape[-2:], top, left, size)
     return clip[..., top : top + size, left : left + size]
 
 
