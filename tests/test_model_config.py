@@ -79,3 +79,17 @@ def test_the_saved_configuration_rebuilds_the_same_network(model, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(Config(model=resolved)))
     assert _built(load_config(path).model) == _built(model)
+
+
+def test_baseline_weights_initialise_a_non_local_model_whose_blocks_start_fresh(tmp_path):
+    from nonlocalnet.weights import save_weights
+
+    fields = {"width": 8, "stage_blocks": [1, 3, 1, 1], "stem": "8x8"}
+    baseline = build_model(ModelConfig(**fields, nonlocal_blocks={}), 5)
+    save_weights(baseline.state_dict(), tmp_path / "base.pt")  # ImageNet or a baseline: no block in it
+    model = build_model(ModelConfig(**fields, nonlocal_preset="res3", weights=str(tmp_path / "base.pt")), 5)
+    assert model.res3[2].nonlocal_block is not None
+    own = model.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in baseline.state_dict().items())
+    x = torch.randn(1, 3, 4, 32, 32)
+    torch.testing.assert_close(model.eval()(x), baseline.eval()(x))  # a fresh block is the identity

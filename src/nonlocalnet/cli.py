@@ -159,7 +159,8 @@ def _recipes(args: argparse.Namespace) -> int:
     for r in rows:
         where = r.config + (f" ({r.note})" if r.note else "") if r.config else f"out of reach: {r.note}"
         print(f"{r.table:<6} {r.row:<34} {r.paper or '-':<44} {where}")
-    print("train a row: nonlocalnet train CONFIG (each config's comments give its recipe, initial weights and launch)")
+    print("train a row: nonlocalnet train CONFIG (Tables 5-6: nonlocalnet detect train CONFIG); each config's "
+          "comments give its recipe, initial weights and launch")
     return 0
 
 
@@ -175,6 +176,8 @@ def _convert(args: argparse.Namespace) -> int:
     options: dict = {}
     if args.command == "inflate":  # torchvision's weights expect ImageNet's per-channel mean and std
         options = {"pixel_mean": weights.IMAGENET_PIXELS[0], "pixel_std": weights.IMAGENET_PIXELS[1]}
+        if args.inflation:  # e.g. Table 2e's I3D 3x3x3: kept with the weights, so the model is rebuilt so
+            options["inflation"] = args.inflation
         model = create_model(args.model, num_classes=args.num_classes, **options)
         conversion = weights.inflate_torchvision(weights.read_weights(args.source)["state_dict"], model)
     elif peer == "caffe2":
@@ -566,8 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inflate", help="torchvision 2-D ResNet-50/101 weights -> a C2D/I3D zoo model")
     p.add_argument("source", metavar="RESNET2D.pth")
     p.add_argument("out", metavar="OUT.pt")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the zoo model to inflate into, e.g. i3d_r50")
     p.add_argument("--num-classes", type=_positive, default=400)
+    p.add_argument("--inflation", choices=["c2d", "3x1x1", "3x3x3"],
+                   help="override the model's inflation (3x3x3: Table 2e's other I3D)")
     p.set_defaults(handler=_convert)
     return parser
 

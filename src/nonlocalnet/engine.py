@@ -145,8 +145,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ResNet3d:
     """The network ``cfg`` describes (:func:`model_arguments`), with ``cfg.weights`` loaded (a
     classifier of another shape is left at its initialisation: fine-tuning)."""
     model = ResNet3d(**model_arguments(cfg), num_classes=num_classes)
-    if cfg.weights:
-        load_initial(model, cfg.weights, heads=("pred.",))
+    if cfg.weights:  # weights without any non-local block (ImageNet, a baseline): the blocks start fresh
+        load_initial(model, cfg.weights, heads=("pred.",), optional=("nonlocal_block.",))
     return model
 
 
@@ -231,8 +231,8 @@ def load_initial(model: nn.Module, path: str, *, heads: Sequence[str], optional:
     """Initial weights (``model.weights``) from a weights file or a training checkpoint. Entries of
     the classifier (keys containing one of ``heads``) of another shape keep the model's
     initialisation (fine-tuning), as do missing ones; keys containing one of ``optional`` may be
-    missing too (a baseline's weights in a non-local model). Anything else that does not fit is
-    an error naming the keys."""
+    missing too when the file has none of them (a baseline's weights in a non-local model), not
+    when it has some. Anything else that does not fit is an error naming the keys."""
     from .weights import read_weights
 
     state = dict(read_weights(path)["state_dict"])
@@ -242,6 +242,11 @@ def load_initial(model: nn.Module, path: str, *, heads: Sequence[str], optional:
         log.info("initial weights: %s has shape %s, the model %s; kept at its initialisation", key,
                  tuple(state[key].shape), tuple(own[key].shape))
     result = model.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
+    optional = [o for o in optional if not any(o in k for k in state)]  # all or none of them
+    fresh = [k for k in result.missing_keys if any(o in k for o in optional)]
+    if fresh:
+        log.info("initial weights: %s has no %s entries; %d keep their initialisation", path, "/".join(optional),
+                 len(fresh))
     missing = [k for k in result.missing_keys if not any(h in k for h in (*heads, *optional))]
     shapes = [k for k in shapes if not any(h in k for h in heads)]
     if missing or result.unexpected_keys or shapes:
