@@ -148,6 +148,14 @@ def test_a_few_unreadable_videos_are_skipped_and_counted(tiny_set, tmp_path):
         engine.fit(cfg, tmp_path / "strict")
 
 
+@pytest.mark.parametrize("schema", ["video", "detection"])
+def test_max_unreadable_is_a_share(schema):
+    from nonlocalnet.config import Config, DetectConfig, load_config
+
+    with pytest.raises(ValueError, match=r"data.max_unreadable: expected a share in \[0, 1\] \(1: off\), got 1.5"):
+        load_config(None, ["data.max_unreadable=1.5"], schema=DetectConfig if schema == "detection" else Config)
+
+
 def test_missing_videos_are_counted_when_the_annotations_are_read(tiny_set, tmp_path):
     (tmp_path / "videos").mkdir()
     rows = ["label,youtube_id,time_start,time_end"]
