@@ -52,7 +52,7 @@ class DataConfig:
     crop: int = 224
     flip: bool = True
     test_scale: int = 256  # official TEST.SCALE
-    test_crop: int = 256
+    test_crop: int = 256  # 0: the whole frame, fully convolutional (paper §4.1; test_crops 1)
     test_clips: int = 10  # paper §4.1: 10 clips x 3 crops
     test_crops: int = 3
     workers: int = 4
@@ -252,13 +252,15 @@ def check_config(cfg: Config | DetectConfig) -> Config | DetectConfig:
     _check_optim(cfg.optim)
     _one_of("data.dataset", cfg.data.dataset, ("synthetic", "list", "kinetics", "folders", "charades"))
     _at_least(1, {"data.frames": cfg.data.frames, "data.rate": cfg.data.rate, "data.crop": cfg.data.crop,
-                  "data.test_scale": cfg.data.test_scale, "data.test_crop": cfg.data.test_crop,
-                  "data.test_clips": cfg.data.test_clips, "train.checkpoint_every": cfg.train.checkpoint_every,
+                  "data.test_scale": cfg.data.test_scale, "data.test_clips": cfg.data.test_clips, "train.checkpoint_every": cfg.train.checkpoint_every,
                   "train.log_every": cfg.train.log_every, "model.width": 1 if cfg.model.width is None else cfg.model.width,
                   "train.timeout": cfg.train.timeout})
     _at_least(0, {"data.workers": cfg.data.workers, "train.precise_bn": cfg.train.precise_bn,
-                  "train.eval_every": cfg.train.eval_every})
+                  "train.eval_every": cfg.train.eval_every, "data.test_crop": cfg.data.test_crop})
     _check_share("data.max_unreadable", cfg.data.max_unreadable)
+    if cfg.data.test_crop == 0 and cfg.data.test_crops != 1:
+        raise ValueError(f"data.test_crops: the whole frame (data.test_crop 0) is one view per clip: expected 1, "
+                         f"got {cfg.data.test_crops}")
     if cfg.data.test_crops not in (1, 3):
         raise ValueError(f"data.test_crops: expected 1 or 3, got {cfg.data.test_crops}")
     if len(cfg.data.scales) != 2 or not 0 < cfg.data.scales[0] <= cfg.data.scales[1] or cfg.data.crop > cfg.data.scales[0]:

@@ -517,6 +517,8 @@ def evaluate(model: nn.Module, dataset: VideoDataset, *, batch_size: int = 8, wo
     device = torch.device(device)
     net = _unwrap(model)
     net.eval()
+    if dataset.test_crop == 0:  # whole frames: each video has its own size, so one clip per batch
+        batch_size = 1
     videos, classes = len(dataset.records), dataset.num_classes
     totals = torch.zeros(videos, classes, dtype=torch.float64)
     views = torch.zeros(videos, dtype=torch.float64)

@@ -324,6 +324,8 @@ class VideoDataset(Dataset):
                  test_scale: int = 256, test_crop: int = 256, clips: int = 10, crops: int = 3):
         if mode not in ("train", "test"):
             raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
+        if mode == "test" and test_crop == 0 and crops != 1:
+            raise ValueError(f"crops: the whole frame (test_crop 0) is one view per clip, got {crops} crops")
         self.annotations, self.mode = annotations, mode
         self.records = annotations.records
         self.num_classes, self.multilabel = len(annotations.classes), annotations.multilabel

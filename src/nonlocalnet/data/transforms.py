@@ -76,33 +76,37 @@ def _taps(n_in: int, n_out: int, first: int, count: int, antialias: bool) -> tup
     return index.long(), weight.float()
 
 
-def resized_crop(frames: torch.Tensor, size: tuple[int, int], top: int, left: int, crop_size: int) -> torch.Tensor:
+def resized_crop(frames: torch.Tensor, size: tuple[int, int], top: int, left: int,
+                 crop_size: int | tuple[int, int]) -> torch.Tensor:
     """``crop(resize_short_side(to_float(frames), ...), top, left, crop_size)`` with the frames
     resized to ``size`` = (H', W'), computed from the source pixels that the crop needs alone, a
-    few frames at a time: uint8 (T, H, W, 3) -> float (3, T, S, S)."""
+    few frames at a time: uint8 (T, H, W, 3) -> float (3, T, S, S), or (3, T, S_h, S_w) for a
+    ``crop_size`` of (S_h, S_w)."""
     _check_frames(frames)
     (h, w), (new_h, new_w) = frames.shape[1:3], size
-    _check_crop(new_h, new_w, top, left, crop_size)
+    crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    _check_crop(new_h, new_w, top, left, (crop_h, crop_w))
     if (new_h, new_w) == (h, w):
-        return to_float(frames[:, top : top + crop_size, left : left + crop_size])
+        return to_float(frames[:, top : top + crop_h, left : left + crop_w])
     antialias = min(new_h, new_w) < min(h, w)
-    rows, row_weights = _taps(h, new_h, top, crop_size, antialias)
-    cols, col_weights = _taps(w, new_w, left, crop_size, antialias)
+    rows, row_weights = _taps(h, new_h, top, crop_h, antialias)
+    cols, col_weights = _taps(w, new_w, left, crop_w, antialias)
     y0, x0 = int(rows.min()), int(cols.min())
     region = frames[:, y0 : int(rows.max()) + 1, x0 : int(cols.max()) + 1]
     # the two resizes as products with banded matrices (BLAS beats gathers even so)
-    by_rows = torch.zeros(crop_size, region.shape[1]).scatter_add_(1, rows - y0, row_weights)
-    by_cols = torch.zeros(crop_size, region.shape[2]).scatter_add_(1, cols - x0, col_weights).T
-    out = torch.empty(3, len(frames), crop_size, crop_size)
+    by_rows = torch.zeros(crop_h, region.shape[1]).scatter_add_(1, rows - y0, row_weights)
+    by_cols = torch.zeros(crop_w, region.shape[2]).scatter_add_(1, cols - x0, col_weights).T
+    out = torch.empty(3, len(frames), crop_h, crop_w)
     step = max(1, _CHUNK // region[0].numel())  # frames whose region is converted to float at once
     for t in range(0, len(frames), step):
         out[:, t : t + step] = by_rows @ to_float(region[t : t + step]) @ by_cols
     return out
 
 
-def _check_crop(h: int, w: int, top: int, left: int, size: int) -> None:
-    if not (0 <= top <= h - size and 0 <= left <= w - size):
-        raise ValueError(f"crop: a {size} x {size} crop at ({top}, {left}) does not fit a {h} x {w} frame")
+def _check_crop(h: int, w: int, top: int, left: int, size: int | tuple[int, int]) -> None:
+    size_h, size_w = (size, size) if isinstance(size, int) else size
+    if not (0 <= top <= h - size_h and 0 <= left <= w - size_w):
+        raise ValueError(f"crop: a {size_h} x {size_w} crop at ({top}, {left}) does not fit a {h} x {w} frame")
 
 
 def crop(clip: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
@@ -133,13 +137,19 @@ def train_transform(frames: torch.Tensor, *, scales: tuple[int, int] = (256, 320
 
 def spatial_views(frames: torch.Tensor, *, scale: int = 256, crop_size: int = 256, crops: int = 3) -> list[torch.Tensor]:
     """The spatial views of one test clip: ``crops`` = 3 (start / middle / end of the longer side)
-    or 1 (centre). uint8 (T, H, W, 3) -> list of (3, T, S, S)."""
+    or 1 (centre). uint8 (T, H, W, 3) -> list of (3, T, S, S). ``crop_size`` 0: the whole frame
+    scaled to a shorter side of ``scale`` (the paper's fully convolutional test, §4.1), one view
+    (3, T, H', W')."""
     if crops not in (1, 3):
         raise ValueError(f"crops: expected 1 or 3, got {crops}")
-    if crop_size > scale:
-        raise ValueError(f"crop_size: expected at most scale={scale}, got {crop_size}")
+    if crop_size > scale or crop_size < 0:
+        raise ValueError(f"crop_size: expected 0 (the whole frame) up to scale={scale}, got {crop_size}")
+    if crop_size == 0 and crops != 1:
+        raise ValueError(f"crops: the whole frame (crop_size 0) is one view, got {crops} crops")
     _check_frames(frames)
     h, w = resized_size(*frames.shape[1:3], scale)
+    if crop_size == 0:
+        return [normalize(resized_crop(frames, (h, w), 0, 0, (h, w)))]
     centre = ((h - crop_size) // 2, (w - crop_size) // 2)
     if crops == 1:
         corners = [centre]
