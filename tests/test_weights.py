@@ -22,7 +22,7 @@ I3D_TEMPORAL = {2: {0, 1, 2}, 3: {0, 2}, 4: {0, 2, 4}, 5: {1}}  # R50, official 
 
 def official_blobs(depth=50, i3d=True, nonlocal_positions=None, classes=400, *, affine=False, two_d=False,
                    seed=0):
-    """A checkpoint in the official layout (shared/PAPER.md §4.3-4.4), written from the naming rules alone."""
+    """A checkpoint in the official layout (docs/paper.md §5), written from the naming rules alone."""
     rng = np.random.default_rng(seed)
     blobs = {}
 

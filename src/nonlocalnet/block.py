@@ -1,7 +1,7 @@
 """The non-local block (paper §3.3, Fig. 2) for 1-D, 2-D and 3-D inputs, and ``add_nonlocal``.
 
 z = BN(W_z y) + x with y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j), where theta, phi, g and W_z are
-1x1(x1) convolutions. Conventions follow the official Caffe2 release (shared/PAPER.md §0, §4.1):
+1x1(x1) convolutions. Conventions follow the official Caffe2 release (docs/paper.md §1, §2):
 the key/value max-pool is applied to the block input before the phi and g convolutions, the
 softmax logits are scaled by inner_channels^-0.5, every conv has a bias and is initialised from
 N(0, 0.01^2), and the BN scale after W_z starts at 0 so the block starts as the identity.

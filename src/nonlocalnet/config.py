@@ -1,5 +1,5 @@
-"""Training configuration: dataclasses whose defaults are the paper's Kinetics recipe (shared/PAPER.md
-§3) (:class:`Config`) or the usual COCO detection recipe (:class:`DetectConfig`), read from flat YAML
+"""Training configuration: dataclasses whose defaults are the paper's Kinetics recipe (docs/paper.md
+§4) (:class:`Config`) or the usual COCO detection recipe (:class:`DetectConfig`), read from flat YAML
 files (``configs/``) and ``key=value`` overrides.
 
 Merging is strict (OmegaConf structured configs): an unknown key or a value of the wrong type is a

@@ -1,4 +1,4 @@
-"""Training and evaluation of video models as the paper does it (shared/PAPER.md §3), on one process
+"""Training and evaluation of video models as the paper does it (docs/paper.md §4), on one process
 or many (torchrun).
 
 - :func:`fit` trains one model by iterations: Nesterov SGD, no weight decay on BN (nor, by

@@ -1,7 +1,7 @@
 """Weights: official Caffe2 checkpoints, 2-D ImageNet inflation, and our own checkpoints.
 
 - :func:`load_caffe2_blobs` reads an official ``.pkl`` (a pickled ``{'blobs': {name: array}}``,
-  shared/PAPER.md §4.4) with an unpickler that resolves only the globals numpy arrays need: a
+  docs/paper.md §5) with an unpickler that resolves only the globals numpy arrays need: a
   file cannot run code; a blob that is not a numeric array is then refused by name.
 - :func:`convert_caffe2` maps every blob onto a model by the official naming (§4.3): ``conv1_w``
   -> ``conv1.weight``, ``res4_3_branch2a_bn_riv`` -> ``res4.3.branch2a_bn.running_var`` (``_riv``

@@ -1,4 +1,4 @@
-"""Which frames a clip takes (shared/PAPER.md §3.1, §3.4; official ``DecodeClipFromVideoFileFlex``).
+"""Which frames a clip takes (docs/paper.md §4.1, §4.3; official ``DecodeClipFromVideoFileFlex``).
 
 A clip is ``frames`` indices ``rate`` apart. Training starts it uniformly at random so that its
 span of frames x rate fits; testing takes ``clips`` clips starting at int(k * n / clips). A

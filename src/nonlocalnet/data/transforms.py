@@ -1,4 +1,4 @@
-"""The paper's spatial augmentation and test views (shared/PAPER.md §3.1, §3.4).
+"""The paper's spatial augmentation and test views (docs/paper.md §4.1, §4.3).
 
 Clips are uint8 (T, H, W, 3) from :func:`~nonlocalnet.data.decode.decode_frames` in, float
 (3, T, H, W) out, normalised as the official code: (pixel - 114.75) / 57.375, RGB.
