@@ -23,6 +23,8 @@ from .flops import count_flops
 # Paper res4, res3 and res5 inputs of an 8-frame ResNet-50 (Table 1, 8 x 224^2 clips, batch 2)
 # and a res2-size input (16 frames at 56^2), the sizes where implementations part ways.
 SHAPES = {
+    # ResNet-50 channels and map sizes of res3 / res4 / res5 with 8 frames, batch 2 (the paper's 32x2 models
+    # have 4 frames there), and a 16-frame res2
     "res4": (2, 1024, 8, 14, 14),
     "res3": (2, 512, 8, 28, 28),
     "res2": (1, 256, 16, 56, 56),
