@@ -33,9 +33,13 @@ SF_PARTS = {"a": ".branch2.a", "a_bn": ".branch2.a_bn", "b": ".branch2.b", "b_bn
             "c_bn": ".branch2.c_bn", "proj": ".branch1", "proj_bn": ".branch1_bn"}
 
 
-def _i3d_r50_state(seed, classes, stem, stem_bn, head, block_prefix, parts, nonlocal_block):
-    """Random weights and BN statistics for an I3D R50 in a layout given by its names; non-local
-    blocks written by ``nonlocal_block(conv, bn, layer, block, channels)``."""
+R101, INFLATE_R101 = (3, 4, 23, 3), ((1, 1, 1), (1, 0, 1, 0), (1, 0) * 11 + (1,), (0, 1, 0))
+
+
+def _i3d_r50_state(seed, classes, stem, stem_bn, head, block_prefix, parts, nonlocal_block, counts=R50,
+                   inflate=INFLATE):
+    """Random weights and BN statistics for an I3D R50 (or R101: ``counts``, ``inflate``) in a layout
+    given by its names; non-local blocks written by ``nonlocal_block(conv, bn, layer, block, channels)``."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
 
@@ -55,11 +59,11 @@ def _i3d_r50_state(seed, classes, stem, stem_bn, head, block_prefix, parts, nonl
     conv(stem, 64, 3, (5, 7, 7))
     bn(stem_bn, 64)
     inp = 64
-    for layer, blocks in enumerate(R50):
+    for layer, blocks in enumerate(counts):
         planes = 64 * 2**layer
         for b in range(blocks):
             p = block_prefix(layer, b)
-            convs = [("a", planes, inp, (3 if INFLATE[layer][b] else 1, 1, 1)), ("b", planes, planes, (1, 3, 3)),
+            convs = [("a", planes, inp, (3 if inflate[layer][b] else 1, 1, 1)), ("b", planes, planes, (1, 3, 3)),
                      ("c", planes * 4, planes, (1, 1, 1))] + ([("proj", planes * 4, inp, (1, 1, 1))] if b == 0 else [])
             for name, out, width, kernel in convs:
                 conv(p + parts[name], out, width, kernel)
@@ -125,7 +129,7 @@ def mmaction2_forward(state, x, non_local_cfg):
     return F.linear(x.mean((2, 3, 4)), state["cls_head.fc_cls.weight"], state["cls_head.fc_cls.bias"])
 
 
-def slowfast_state(seed=0, classes=400):
+def slowfast_state(seed=0, classes=400, depth=50):
     """A PySlowFast ResNet state dict (MODEL.ARCH i3d, RESNET.DEPTH 50, NONLOCAL.LOCATION
     [[[]], [[1, 3]], [[1, 3, 5]], [[]]]): `s{2..5}.pathway0_res{i}.branch2.{a,b,c}` with
     `branch2.{a,b,c}_bn`, `branch1` / `branch1_bn`, `s{k}.pathway0_nonlocal{i}` and `head.projection`."""
@@ -138,7 +142,8 @@ def slowfast_state(seed=0, classes=400):
         bn(q + ".bn", c)
 
     return _i3d_r50_state(seed, classes, "s1.pathway0_stem.conv", "s1.pathway0_stem.bn", "head.projection",
-                          lambda layer, b: f"s{layer + 2}.pathway0_res{b}", SF_PARTS, nonlocal_block)
+                          lambda layer, b: f"s{layer + 2}.pathway0_res{b}", SF_PARTS, nonlocal_block,
+                          *((R101, INFLATE_R101) if depth == 101 else ()))
 
 
 def slowfast_forward(state, x, instantiation):
@@ -507,6 +512,26 @@ def test_slowfast_config_that_changes_the_function_is_refused(tmp_path, capsys, 
                  "--model", "i3d_nl5_r50_8x8"]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out.pt").exists()
+
+
+def test_slowfast_r101_nln_keeps_its_block_positions(tmp_path, capsys):
+    """PySlowFast's I3D_NLN_8x8_R101 has its res4 blocks at 1, 3, 5 (NONLOCAL.LOCATION as R50's),
+    the official R101 at 6, 13, 20: the file carries the checkpoint's positions, and converts completely."""
+    cfg = _sf_config("softmax").replace("DEPTH: 50", "DEPTH: 101")
+    torch.save({"model_state": slowfast_state(depth=101), "cfg": cfg}, tmp_path / "I3D_NLN_8x8_R101.pyth")
+    assert main(["convert", str(tmp_path / "I3D_NLN_8x8_R101.pyth"), str(tmp_path / "out.pt"), "--from", "slowfast",
+                 "--model", "i3d_nl5_r101_8x8"]) == 0
+    report = capsys.readouterr().out
+    assert "unmatched" not in report and "missing" not in report and "mismatch" not in report
+    options = read_weights(tmp_path / "out.pt")["options"]
+    assert options["nonlocal_blocks"] == {"res3": [1, 3], "res4": [1, 3, 5]}
+    model = create_model("i3d_nl5_r101_8x8", weights=tmp_path / "out.pt")  # strict load
+    assert model.nonlocal_positions == {"res3": (1, 3), "res4": (1, 3, 5)}
+    # where the checkpoint's positions are the model's, nothing is added
+    torch.save({"model_state": slowfast_state(), "cfg": _sf_config("softmax")}, tmp_path / "r50.pyth")
+    assert main(["convert", str(tmp_path / "r50.pyth"), str(tmp_path / "out.pt"), "--from", "slowfast",
+                 "--model", "i3d_nl5_r50_8x8"]) == 0
+    assert "nonlocal_blocks" not in read_weights(tmp_path / "out.pt")["options"]
 
 
 def test_converted_weights_train_with_their_options(tmp_path):

@@ -187,9 +187,10 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         state, config = weights.read_peer_checkpoint(args.source, peer)
         if peer == "mmaction2":
-            options = weights.mmaction2_options(state, config, mode=args.mode, scale=args.use_scale)
+            options = weights.mmaction2_options(state, config, mode=args.mode, scale=args.use_scale,
+                                                model=args.model)
         else:
-            options = weights.slowfast_options(state, config, mode=args.mode)
+            options = weights.slowfast_options(state, config, mode=args.mode, model=args.model)
         model = create_model(args.model, num_classes=args.num_classes, **options)
         convert = weights.convert_mmaction2 if peer == "mmaction2" else weights.convert_slowfast
         conversion = convert(state, model, skip_classifier=args.init)

@@ -634,8 +634,30 @@ def _mm_pixels(model: dict, config: str) -> tuple[list[float], list[float]]:
     return values[0], values[1]
 
 
+def _positions(state: Mapping[str, torch.Tensor], pattern: str, offset: int, model: str | None) -> dict:
+    """``{"nonlocal_blocks": ...}`` where the checkpoint's non-local blocks (found by ``pattern``: stage
+    number + ``offset``, block index) sit elsewhere than in ``model``'s card (PySlowFast's R101 NLN has
+    them at res4 blocks 1, 3, 5, the official R101 at 6, 13, 20), so that the model built carries
+    them where they are; {} where they agree, or where the model has another number of blocks in a
+    stage (then the conversion reports what does not fit)."""
+    found: dict[str, set[int]] = {}
+    for key in state:
+        match = re.match(pattern, key)
+        if match:
+            found.setdefault(f"res{int(match[1]) + offset}", set()).add(int(match[2]))
+    if model is None or not found:
+        return {}
+    from .models import model_card
+
+    card = model_card(model).model_kwargs().get("nonlocal_blocks") or {}
+    card = {stage: sorted(blocks) for stage, blocks in card.items() if blocks}
+    ours = {stage: sorted(blocks) for stage, blocks in sorted(found.items())}
+    same_counts = {stage: len(blocks) for stage, blocks in card.items()} == {s: len(b) for s, b in ours.items()}
+    return {"nonlocal_blocks": ours} if same_counts and ours != card else {}
+
+
 def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None,
-                      scale: bool | None = None) -> dict:
+                      scale: bool | None = None, model: str | None = None) -> dict:
     """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what an
     mmaction2 ``ResNet3d`` + ``I3DHead`` recognizer with these weights computes.
 
@@ -650,7 +672,9 @@ def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mo
     mmaction2's I3D recipe, ImageNet normalisation, ``mode`` and ``scale`` from the arguments
     (Gaussian blocks, which have no theta, are recognised by their keys; embedded Gaussian and dot
     product have the same keys, so ``mode`` is needed) and ``use_scale=False``, the value of all
-    mmaction2's non-local configs. ``mode`` / ``scale`` given override the config.
+    mmaction2's non-local configs. ``mode`` / ``scale`` given override the config. ``model``: the
+    zoo model converted into; where its non-local blocks sit elsewhere than the checkpoint's, the
+    options place them as the checkpoint does.
     """
     model = _mm_model(config)
     eps, pixels = PEER_BN_EPS, (list(IMAGENET_PIXELS[0]), list(IMAGENET_PIXELS[1]))
@@ -702,6 +726,7 @@ def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mo
         "mode": mode, "pool": "after", "subsample": pooled,
         "scale": bool(scale) if mode == "embedded_gaussian" else False, "norm": "batch" if norms else "none",
     }
+    options.update(_positions(state, r"backbone\.layer(\d)\.(\d+)\.non_local_block\.", 1, model))
     return options
 
 
@@ -773,7 +798,8 @@ def _tuples(value: object) -> object:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None) -> dict:
+def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mode: str | None = None,
+                     model: str | None = None) -> dict:
     """The :class:`~nonlocalnet.models.ResNet3d` options under which a zoo model computes what a
     PySlowFast ``ResNet`` (``MODEL.ARCH`` c2d or i3d) with these weights computes: its stem
     (pool1 padded), BN epsilon 1e-5, its ``DATA.MEAN`` / ``DATA.STD``, and for its ``Nonlocal``
@@ -784,7 +810,9 @@ def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mod
     (``MODEL.ARCH`` slowfast, ``NONLOCAL.INSTANTIATION`` dot_product, ...); a key under which its
     network computes another function than ours (another architecture, ``RESNET.STRIDE_1X1``,
     ``SPATIAL_STRIDES``, ``SPATIAL_DILATIONS``, groups, BGR input, a detection head) is a
-    ``ValueError`` naming it. Without a config, ``mode`` is needed."""
+    ``ValueError`` naming it. Without a config, ``mode`` is needed. ``model``: the zoo model
+    converted into; where its non-local blocks sit elsewhere than the checkpoint's (PySlowFast's
+    R101 NLN: res4 blocks 1, 3, 5), the options place them as the checkpoint does."""
     cfg = None
     if config:
         try:
@@ -824,6 +852,7 @@ def slowfast_options(state: Mapping[str, torch.Tensor], config: str = "", *, mod
             stage_options[stage] = {"subsample": False} if kernel == (1, 1, 1) else {"pool_kernel": kernel}
     if stage_options:
         options["nonlocal_stage_options"] = stage_options
+    options.update(_positions(state, r"s(\d)\.pathway0_nonlocal(\d+)\.", 0, model))
     return options
 
 
