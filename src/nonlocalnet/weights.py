@@ -18,6 +18,12 @@
   temporal slices = the 2-D kernel / t) and fold BN statistics into a frozen-BN (:class:`Affine3d`)
   model with the official ``convert_to_finetune`` rule: scale s / sqrt(var + 1e-5), shift
   b - mean * scale.
+- :func:`read_peer_checkpoint` reads mmaction2 / PySlowFast files with torch's weights-only
+  unpickler; their training state that is not weights (mmengine's message hub) becomes inert
+  :class:`Placeholder` objects, a global that serves only to run code is refused by name, and
+  numpy arrays declaring far more bytes than the file holds are refused before allocation.
+  Their config text is read without running it (:mod:`ast` for mmengine's Python, YAML for
+  PySlowFast), with the library's defaults where it is silent.
 - :func:`save_weights` writes atomically; :func:`load_weights` reads with
   ``torch.load(weights_only=True)``.
 
@@ -362,8 +368,8 @@ def kinetics400_classes() -> list[str]:
 # one, ...) becomes an inert placeholder: nothing is imported or called, and a placeholder found
 # among the weights is refused.
 _CODE_MODULES = frozenset({"os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket", "ctypes",
-                           "pty", "code", "codeop", "webbrowser", "multiprocessing", "pickle", "marshal", "asyncio",
-                           "signal", "tempfile", "pathlib", "io", "commands", "popen2", "platform"})
+                           "pty", "code", "codeop", "webbrowser", "multiprocessing", "pickle", "marshal", "commands",
+                           "popen2"})
 _CODE_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "exit", "quit",
                             "__builtins__", "globals", "locals", "vars", "setattr", "delattr"})
 
@@ -458,7 +464,8 @@ def _torch_load(path: str, what: str) -> object:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # MemoryError, numpy's ValueError, a damaged file: one line naming the file
-        raise ValueError(f"source: {path} is not a readable checkpoint ({type(err).__name__}: {_reason(err)})") from None
+        raise ValueError(f"source: {path} is not a readable checkpoint ({type(err).__name__}: {_reason(err)})") \
+            from None
 
 
 def _reason(err: BaseException) -> str:
@@ -676,19 +683,19 @@ def mmaction2_options(state: Mapping[str, torch.Tensor], config: str = "", *, mo
     zoo model converted into; where its non-local blocks sit elsewhere than the checkpoint's, the
     options place them as the checkpoint does.
     """
-    model = _mm_model(config)
+    config_model = _mm_model(config)
     eps, pixels = PEER_BN_EPS, (list(IMAGENET_PIXELS[0]), list(IMAGENET_PIXELS[1]))
     nonlocal_cfg: dict | None = None
-    if model is not None:
-        backbone = model["backbone"]
+    if config_model is not None:
+        backbone = config_model["backbone"]
         eps = _mm_checked_backbone(backbone)
-        head = model.get("cls_head")
+        head = config_model.get("cls_head")
         if isinstance(head, dict):
             _mm_type(head, "model.cls_head", ("I3DHead",))
             if head.get("spatial_type", "avg") != "avg":
                 raise ValueError(f"source: its config's model.cls_head.spatial_type is {head['spatial_type']!r}: "
                                  f"only 'avg' converts")
-        pixels = _mm_pixels(model, config)
+        pixels = _mm_pixels(config_model, config)
         nonlocal_cfg = backbone.get("non_local_cfg", {})
         if not isinstance(nonlocal_cfg, dict):
             raise ValueError(f"source: its config's model.backbone.non_local_cfg is {nonlocal_cfg!r}: expected a dict")
@@ -791,7 +798,8 @@ def _sf_checked(cfg: dict) -> None:
         if not any(_same(_tuples(value), _tuples(a)) for a in accepted):
             said = "" if key in part else " (PySlowFast's default: the config leaves it out)"
             raise ValueError(f"source: its config's {section}.{key} is {value!r}{said}; only "
-                             f"{' or '.join(repr(a) for a in accepted)} converts (the network it gives differs from ours)")
+                             f"{' or '.join(repr(a) for a in accepted)} converts (the network it gives differs from "
+                             f"ours)")
 
 
 def _tuples(value: object) -> object:
