@@ -476,6 +476,28 @@ def test_slowfast_without_config_and_bad_files(tmp_path, capsys):
     assert "unknown model 'i3d_r5'" in capsys.readouterr().err
 
 
+def test_mmaction2_input_normalisation_from_its_config():
+    """mmaction2 1.x normalises in model.data_preprocessor (mean / std left out: not at all), 0.x in
+    img_norm_cfg; a BGR input is refused."""
+    from nonlocalnet.models import ResNet3d
+    from nonlocalnet.weights import mmaction2_options
+
+    model = mm_model_config(dict(mode="dot_product", norm_cfg=dict(type="BN3d"), sub_sample=True))
+    model["data_preprocessor"] = dict(type="ActionDataPreprocessor", format_shape="NCTHW")
+    options = mmaction2_options(MM_KEYS, f"model = {_python(model)}\n")
+    assert (options["pixel_mean"], options["pixel_std"]) == ([0.0] * 3, [1.0] * 3)
+    pixels = _pixels(4)
+    net = ResNet3d(width=8, stage_blocks=(1, 1, 1, 1), pixel_mean=options["pixel_mean"], pixel_std=options["pixel_std"])
+    assert rel_err(net.map_input(_ours(pixels)), pixels) < 1e-14  # the raw 0-255 pixels, as mmaction2 gives them
+    del model["data_preprocessor"]
+    norm = dict(mean=[100.0, 110.0, 120.0], std=[50.0, 51.0, 52.0], to_bgr=False)
+    options = mmaction2_options(MM_KEYS, f"img_norm_cfg = {_python(norm)}\nmodel = {_python(model)}\n")
+    assert (options["pixel_mean"], options["pixel_std"]) == (norm["mean"], norm["std"])
+    model["data_preprocessor"] = dict(type="ActionDataPreprocessor", mean=list(MM_MEAN), std=list(MM_STD), to_rgb=True)
+    with pytest.raises(ValueError, match="model.data_preprocessor.to_rgb is True: only False converts"):
+        mmaction2_options(MM_KEYS, f"model = {_python(model)}\n")
+
+
 SF_KEYS = {k: torch.zeros(1) for k in ("s1.pathway0_stem.conv.weight", "s3.pathway0_nonlocal1.conv_theta.weight")}
 
 
