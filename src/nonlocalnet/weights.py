@@ -418,20 +418,24 @@ def _pickle_globals(path: str) -> set[str]:
         if zipfile.is_zipfile(path):
             return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         with open(path, "rb") as f:
-            found, strings, memo = set(), [], {}
+            found, strings, memo, pushed = set(), [], {}, None  # pushed: the string the last op pushed
             for op, arg, _ in pickletools.genops(f):
+                string = None
                 if op.name == "GLOBAL":
                     found.add(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4: module, name pushed before
                     found.add(f"{strings[-2]}.{strings[-1]}")
                 elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
-                    strings.append(arg)
-                elif op.name == "MEMOIZE" and strings:
-                    memo[len(memo)] = strings[-1]
-                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                    memo[arg] = strings[-1]
-                elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
-                    strings.append(memo[arg])
+                    string = arg
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = string = pushed
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = string = pushed
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    string = memo.get(arg)
+                if string is not None and op.name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                    strings.append(string)
+                pushed = string
             return found
     except Exception:  # a damaged file: the caller's error stands
         return set()
