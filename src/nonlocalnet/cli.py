@@ -262,7 +262,7 @@ def _training(args: argparse.Namespace, jobs, schema, default: str) -> int:
     out = args.out or os.path.join("runs", os.path.basename(args.config or default).removesuffix(".yaml"))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out: expected a folder for the run, got the file {out!r}")
-    with distributed.session() as main:
+    with distributed.session(timeout=cfg.train.timeout) as main:
         _logging()
         summary = jobs.train_job(cfg, out, resume=args.resume)
     if main:
@@ -277,7 +277,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _output_file(args.json, "json")
     cfg = load_config(_recipe(args.config), args.set) if args.config else None
-    with distributed.session() as main:
+    with distributed.session(timeout=cfg and cfg.train.timeout) as main:
         _logging()
         report = engine.evaluate_checkpoint(args.weights, cfg, args.set, clips=args.clips, crops=args.crops,
                                             batch_size=args.batch_size)
@@ -314,7 +314,7 @@ def _detect_evaluate(args: argparse.Namespace) -> int:
 
     _output_file(args.json, "json")
     cfg = load_config(_recipe(args.config), args.set, schema=DetectConfig) if args.config else None
-    with distributed.session() as main:
+    with distributed.session(timeout=cfg and cfg.train.timeout) as main:
         _logging()
         report = detect.evaluate_checkpoint(args.weights, cfg, args.set, batch_size=args.batch_size)
     if main:
@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="parameters and FLOPs per stage of a zoo model")
     p.add_argument("model", help="a zoo name (see `nonlocalnet models`)")
     p.add_argument("--frames", type=_positive, help="input frames (default: the model's)")
-    p.add_argument("--size", type=_positive, default=224, help="input height and width (default 224; the test views are 256)")
+    p.add_argument("--size", type=_positive, default=224,
+                   help="input height and width (default 224; the test views are 256)")
     p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--inflation", choices=["c2d", "3x1x1", "3x3x3"], help="override the model's inflation")
     p.set_defaults(handler=_info)
@@ -596,14 +597,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def error_message(err: BaseException) -> str:
-    """``err`` on one line: bad input (``ValueError``, a missing extra's ``ImportError``) as its
-    message, which names the input; an ``OSError`` with its path; anything else with its type and
-    the hint to run with ``--debug``."""
+    """``err`` on one line: bad input (``ValueError``, a missing extra's ``ImportError``) and ranks
+    that failed or did not arrive under torchrun as the message, which names them; an ``OSError``
+    with its path; anything else with its type and the hint to run with ``--debug``."""
+    from .distributed import CollectiveError
+
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         paths = " -> ".join(os.fspath(p) for p in (err.filename, err.filename2) if p is not None)
         return f"{paths}: {err.strerror}"
-    if isinstance(err, (ValueError, FileNotFoundError)) or (isinstance(err, ImportError) and "nonlocalnet[" in text):
+    if isinstance(err, (ValueError, FileNotFoundError, CollectiveError)) or (isinstance(err, ImportError)
+                                                                             and "nonlocalnet[" in text):
         return text or type(err).__name__
     return f"{type(err).__name__}{': ' + text if text else ''} (run with --debug for the traceback)"
 
