@@ -555,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(mmaction2's I3D NL 32x2) or i3d_nl5_r50_8x8 (PySlowFast's I3D NLN)")
     p.add_argument("--num-classes", type=_positive, default=400)
     p.add_argument("--mode", choices=("embedded_gaussian", "dot_product", "gaussian", "concatenation"),
-                   help="the non-local blocks' mode when the checkpoint's config does not say (mmaction2's "
+                   help="the non-local blocks' mode, over the checkpoint's config; needed without one (mmaction2's "
                         "embedded Gaussian and dot-product blocks have the same keys)")
     p.add_argument("--use-scale", action=argparse.BooleanOptionalAction, default=None,
-                   help="mmaction2: its non_local_cfg use_scale (default: the checkpoint's config, else False, "
-                        "the value of mmaction2's non-local configs)")
+                   help="mmaction2: its non_local_cfg use_scale (default: the checkpoint's config, mmcv's True "
+                        "where it leaves use_scale out; without a config False, the value of mmaction2's configs)")
     p.add_argument("--classes", help="class names, one per line, kept with the weights (default: the "
                                      "Kinetics-400 names when there are 400 classes)")
     p.add_argument("--init", action="store_true",
