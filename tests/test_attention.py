@@ -139,6 +139,103 @@ def test_channel_first_bad_arguments_name_the_argument():
         f(q, k, v, impl="sdpa")
 
 
+# --------------------------------------------------------------------------------------------
+# float32 at large logits with near-tied keys
+# --------------------------------------------------------------------------------------------
+
+# Sizes of the scaled logits: the Gaussian's raw x.x over 512-1024 channels of real res4 inputs
+# reaches 1e4-1e5 (issue 18).
+LOGIT_SIZES = [3.5e2, 3.5e4, 3e5]
+
+
+def near_tied(cluster, channels, logit, scale=1.0):
+    """Float64 features (*cluster.shape, channels) whose Gaussian logits scale * x_i . x_j are about
+    ``logit`` within a cluster, with near-ties: each is a copy of the random centre its entry of
+    ``cluster`` (ints) names plus noise small enough that the logits of a cluster differ by units,
+    so that a softmax row spreads over near-copies."""
+    centres = torch.randn(int(cluster.max()) + 1, channels, dtype=torch.float64)
+    x = centres[cluster]
+    x = x + 16.0 / logit * torch.randn_like(x)
+    return x * (logit / (scale * x.pow(2).sum(-1).mean())) ** 0.5
+
+
+def float32_errors(fn, inputs, upstream):
+    """Relative errors against float64 of ``fn`` run in float32: its output and its gradients with
+    respect to each of ``inputs`` (float64 tensors, rounded to float32 first, so that only the
+    computation's own rounding counts) under the ``upstream`` gradient."""
+    inputs = [t.float().double() for t in inputs]
+    wide = [t.clone().requires_grad_() for t in inputs]
+    narrow = [t.float().requires_grad_() for t in inputs]
+    expected = fn(*wide)
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), wide)
+    out = fn(*narrow)
+    grads = torch.autograd.grad((out * upstream.float()).sum(), narrow)
+    return [rel_err(out, expected)] + [rel_err(g, ge) for g, ge in zip(grads, grads_expected)]
+
+
+def assert_as_accurate_as_naive(fast, naive, factor=4.0):
+    """Each float32 error of the fast path within ``factor`` times the naive float32 softmax's (what
+    mmcv and pytorchvideo compute) on the same inputs, or under 1e-6. The naive errors come from the
+    logits' rounding, which the fast kernels share (oneDNN sums the products in another order than
+    MKL: up to about 2x the naive error on these inputs), and a row that sums to 1 to float32
+    precision; a rounded log-sum-exp in the normalisation gave 10-1000x more."""
+    for name, f, n in zip(["output", "grad 0", "grad 1", "grad 2", "grad 3"], fast, naive):
+        assert f <= max(factor * n, 1e-6), f"{name}: fast {f:.2e} against naive float32 {n:.2e}"
+
+
+def _tied_tokens(logit, n=96, m=40, c=512, cv=64):
+    """Near-tied Gaussian tokens: queries x (1, N, C), keys every other x (1, M, C), values a linear
+    map of the keys (as g(x_j)), so that the output depends on the sum of each row's weights over
+    near-copies, not on how the weight spreads over them."""
+    scale = c**-0.5
+    x = near_tied(torch.randint(4, (1, n)), c, logit, scale)
+    k = x[:, 1::2][:, :m].contiguous()
+    v = k @ torch.randn(c, cv, dtype=torch.float64) * c**-0.5
+    return x, k, v, scale
+
+
+@pytest.mark.parametrize("logit", LOGIT_SIZES)
+@pytest.mark.parametrize("impl,chunk,cv", [("auto", None, 64), ("chunked", 17, 64), ("auto", None, 512),
+                                           ("chunked", 17, 32)])
+def test_softmax_float32_large_logits_near_ties(logit, impl, chunk, cv):
+    # the token kernels (equal widths: "auto" would take PyTorch's flash kernel were the forward not
+    # differentiated) against the naive float32 softmax, values and every gradient
+    q, k, v, scale = _tied_tokens(logit, cv=cv)
+    upstream = torch.randn(1, q.shape[1], cv, dtype=torch.float64)
+    fast = float32_errors(lambda q, k, v: A.softmax_attention(q, k, v, scale=scale, impl=impl, chunk_size=chunk),
+                          [q, k, v], upstream)
+    naive = float32_errors(lambda q, k, v: A.softmax_attention_reference(q, k, v, scale=scale), [q, k, v], upstream)
+    assert_as_accurate_as_naive(fast, naive)
+
+
+@pytest.mark.parametrize("logit", LOGIT_SIZES)
+def test_softmax_float32_inference_large_logits_near_ties(logit):
+    # inference with equal widths: PyTorch's flash kernel, which divides by each row's sum itself
+    q, k, v, scale = (t.float() if isinstance(t, torch.Tensor) else t for t in _tied_tokens(logit, cv=512))
+    expected = A.softmax_attention_reference(q.double(), k.double(), v.double(), scale=scale)
+    with torch.no_grad():
+        fast = rel_err(A.softmax_attention(q, k, v, scale=scale), expected)
+    naive = rel_err(A.softmax_attention_reference(q, k, v, scale=scale), expected)
+    assert fast <= max(4 * naive, 1e-6), (fast, naive)
+
+
+@pytest.mark.parametrize("logit", LOGIT_SIZES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk,cv", [(None, 64), (17, 64), (None, 16)])  # more keys than values (cv 16)
+def test_channel_first_float32_large_logits_near_ties(logit, bias, chunk, cv):
+    q, k, v, scale = (t.transpose(1, 2) if isinstance(t, torch.Tensor) else t for t in _tied_tokens(logit, cv=cv))
+    # a key bias (b_theta . phi_j when W_theta is folded) that moves the scaled logits by units
+    inputs = [q, k, v] + ([torch.randn(1, k.shape[2], dtype=torch.float64) * 2 / scale] if bias else [])
+    upstream = torch.randn(1, cv, q.shape[2], dtype=torch.float64)
+
+    def run(fn, **kw):
+        return float32_errors(lambda q, k, v, key_bias=None: fn(q, k, v, key_bias=key_bias, scale=scale, **kw),
+                              inputs, upstream)
+
+    fast = run(A.channel_first_softmax_attention, chunk_size=chunk)
+    assert_as_accurate_as_naive(fast, run(A.channel_first_softmax_attention_reference))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_dot_product_matches_reference(shape, dtype, tol):
@@ -221,8 +318,13 @@ def test_softmax_never_materialises_affinity(cv):
         out.backward(torch.randn_like(out))
     assert mode.largest <= A.default_chunk_size(b, n, m) * m
     assert mode.largest < n * m / 3
-    if cv == c:  # equal widths: PyTorch's fused CPU flash kernel serves the forward
-        assert any("flash_attention" in op for op in mode.ops), mode.ops
+    # for training the chunked forward, whose row maxima and sums the backward reuses; PyTorch's
+    # fused CPU flash kernel (equal widths) only for inference, see test_softmax_float32_*
+    assert not any("flash_attention" in op for op in mode.ops), mode.ops
+    with torch.no_grad(), _LargestTensor() as mode:
+        A.softmax_attention(q, k, v, scale=0.2)
+    assert any("flash_attention" in op for op in mode.ops) == (cv == c), mode.ops
+    assert mode.largest < n * m / 3
 
 
 def test_dot_and_concat_never_materialise():
@@ -249,6 +351,31 @@ def test_autocast_large_logits_finite(dtype, mode):
     assert torch.isfinite(out).all()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "channel_first"])
+def test_autocast_leaves_the_kernels_in_float32(kernel):
+    # Under autocast the softmax kernels still form logits, maxima and sums in float32 (bfloat16
+    # logits of 100 are off by units, and the backward recomputes them in float32): the result is
+    # that of the same bfloat16 inputs in float32, rounded once.
+    tensors = _inputs((2, 50, 20, 16, 16), torch.float32, grad=False, spread=3.0)
+    if kernel == "chunked":
+        fn = lambda q, k, v: A.softmax_attention(q, k, v, impl="chunked", chunk_size=16)
+    else:
+        fn = lambda q, k, v: A.channel_first_softmax_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    half = [t.to(torch.bfloat16).requires_grad_() for t in tensors]
+    full = [t.detach().float().requires_grad_() for t in half]
+    upstream = torch.randn(2, 50, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(*half)
+    grads = torch.autograd.grad((out.float() * upstream).sum(), half)
+    expected = fn(*full)
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), full)
+    # bfloat16 rounds to 4e-3: the output once (7e-4 here), the gradients also dO (6e-3); bfloat16
+    # products gave 2e-2 and 0.25
+    assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 5e-3
+    for g, ge in zip(grads, grads_expected):
+        assert rel_err(g, ge) < 2e-2
 
 
 @pytest.mark.parametrize("mode", A.MODES)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import rel_err
 from nonlocalnet import NonLocalBlock
 from nonlocalnet import block as block_module
+from test_attention import LOGIT_SIZES, assert_as_accurate_as_naive, near_tied
 
 SHAPES = {1: (2, 6, 11), 2: (2, 6, 7, 9), 3: (2, 6, 3, 7, 9)}  # odd sizes: pooling drops an edge
 
@@ -243,6 +244,82 @@ def test_small_clips_take_the_token_path_and_agree(monkeypatch, mode):
     assert not fast._channel_first(x, False)  # 240 x 60 pairs per clip
     assert fast._channel_first(torch.randn(1, 8, 8, 32, 32), False)  # 8192 x 2048
     _assert_values_and_input_grads_match(fast(x), naive(x), x)
+
+
+def _near_tied_block(mode, channels, logit, shape=(4, 6, 6), **options):
+    """A float32 block with random weights and a float64 input (1, C, *shape) of near-tied positions
+    (see :func:`test_attention.near_tied`) whose scaled logits are about ``logit`` within a cluster.
+    The clusters are constant over the key max-pool's (1, 2, 2) windows, so that the pooled keys are
+    near-tied too. For the embedded Gaussian phi shares theta's weights, so that theta_i . phi_j is
+    large and near-tied where x_i and x_j are, as the Gaussian's x_i . x_j."""
+    block = NonLocalBlock(channels, mode=mode, **options)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.copy_(torch.randn_like(p) * (channels**-0.5 if "weight" in name else 0.1))
+        if mode != "gaussian":
+            block.phi.weight.copy_(block.theta.weight)
+    cluster = torch.randint(4, (shape[0], shape[1] // 2, shape[2] // 2)).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    x = near_tied(cluster, channels, logit).permute(3, 0, 1, 2)[None]  # (1, C, T, H, W)
+    tokens = x.flatten(2)[0].t()  # (N, C)
+    if mode != "gaussian":
+        tokens = tokens @ block.theta.weight.detach().flatten(1).double().t()
+    size = (block.scale * tokens @ tokens.t()).amax(1).mean()  # each query's largest logit
+    return block, x * (logit / size) ** 0.5
+
+
+def _block_float32_errors(block, x, upstream):
+    """Relative errors against float64 of block.transform (W_z y, the branch the attention feeds)
+    run in float32: its value, its gradient with respect to x and with respect to the convs' weights
+    and biases (the norm comes after the branch)."""
+    errors, expected = [], None
+    for dtype in (torch.float64, torch.float32):
+        inp = x.to(dtype).requires_grad_()
+        params = [p for name, p in block.to(dtype).named_parameters() if not name.startswith("norm.")]
+        out = block.transform(inp)
+        grads = torch.autograd.grad((out * upstream.to(dtype)).sum(), [inp] + params)
+        result = [out, grads[0], torch.cat([g.flatten() for g in grads[1:]])]
+        if expected is None:
+            expected = result
+        else:
+            errors = [rel_err(a, e) for a, e in zip(result, expected)]
+    return errors
+
+
+def _softmax_paths():
+    """(mode, affinity, fold, channel-first kernel) of every softmax path of the block on CPU."""
+    for mode in ("gaussian", "embedded_gaussian"):
+        yield mode, "spacetime", True, True
+        yield mode, "spacetime", False, True
+        yield mode, "spacetime", False, False  # a small clip: the token kernels
+        for affinity in ("space", "time"):  # token kernels, folded in token layouts or not
+            for fold in (False, True):
+                yield mode, affinity, fold, False
+
+
+@pytest.mark.parametrize("logit", LOGIT_SIZES)
+@pytest.mark.parametrize("mode,affinity,fold,channel_first", list(_softmax_paths()))
+def test_float32_large_logits_near_ties_as_accurate_as_naive(monkeypatch, logit, mode, affinity, fold,
+                                                             channel_first):
+    # Issue 18: at the Gaussian's logits of a real network (1e2-1e5 over 512-1024 channels) with
+    # near-tied keys, every softmax path in float32 (values, input and parameter gradients, and
+    # the inference forward) is within a small factor of the naive float32 block's own error.
+    if not channel_first:
+        monkeypatch.setattr(block_module, "_CHANNEL_FIRST_MIN_PAIRS", 1 << 17)
+    channels = 1024 if (mode, affinity, fold) == ("gaussian", "spacetime", True) else 512
+    fast, x = _near_tied_block(mode, channels, logit, affinity=affinity, fold=fold)
+    naive = NonLocalBlock(channels, mode=mode, affinity=affinity, impl="naive")
+    naive.load_state_dict(fast.state_dict())
+    x32 = x.float()
+    assert fast._channel_first(x32, fast._folds(x32)) == channel_first and fast._folds(x32) == fold
+    x = x32.double()  # the float32 input exactly: only the computation's rounding counts
+    upstream = torch.randn_like(x)
+    fast_errors = _block_float32_errors(fast, x, upstream)
+    naive_errors = _block_float32_errors(naive, x, upstream)
+    assert_as_accurate_as_naive(fast_errors, naive_errors)
+    with torch.no_grad():  # inference: PyTorch's flash kernel where the widths are equal
+        expected = naive.double().transform(x)
+        inference = rel_err(fast.float().transform(x32), expected)
+    assert_as_accurate_as_naive([inference], naive_errors[:1])
 
 
 def test_float32_fast_matches_float64_reference():

@@ -17,16 +17,22 @@ Fast paths, each with a ``*_reference`` twin that materialises the (B, N, M) aff
   affinity chunk by chunk. Memory is O(chunk * M), never O(N * M).
   :func:`channel_first_softmax_attention` is the same in the block's own (B, C, positions)
   layout, with an optional per-key logit term; the block uses it on CPU, its products through
-  oneDNN (:mod:`nonlocalnet._gemm`).
+  oneDNN (:mod:`nonlocalnet._gemm`). The chunked kernels normalise as the naive softmax does:
+  exp(S - m) with m each row's largest logit, divided by the row's sum at the end; the backward
+  recomputes the same exponentials from the saved m and sum. They are as accurate in float32 as
+  the naive form at the Gaussian's logits of 1e4-1e5, which a log-sum-exp rounded to float32 is
+  not (see :func:`_exp_less_max`).
 - dot product: the associative form q (k^T v) / M, O((N + M) Cq Cv).
 - concatenation: ReLU(a_i + b_j) with a = q w_q, b = k w_k is summed exactly in
   O((N + M) log M + (N + M) Cv) by sorting b, prefix sums of v and b v, and a binary search for -a_i.
 
 Low-precision inputs (float16 / bfloat16, e.g. under autocast) are computed in float32 inside the
-chunked and sorted kernels and cast back, so large logits cannot overflow.
+chunked and sorted kernels (autocast off inside) and cast back, so large logits cannot overflow.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +75,14 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channel_first:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Float32 for half types, so logits and sums cannot overflow; the dtype itself otherwise."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _full_precision(t: torch.Tensor):
+    """A context in which autocast leaves the products of a kernel on ``t``'s device alone: the
+    kernels compute half-precision inputs in float32 themselves, and logits, maxima and sums formed
+    in bfloat16 (an ulp of 64 at 1e4) would not be those the backward recomputes in float32."""
+    device = t.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
 
 
 def default_chunk_size(batch: int, queries: int, keys: int) -> int:
@@ -132,53 +146,85 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
-def _cpu_flash_forward(q, k, v, scale: float):
-    """PyTorch's fused CPU flash kernel on (B, N, C) tokens: the output and, for the backward,
-    the row log-sum-exp of the scaled logits, (B, N)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+def _cpu_flash_forward(q, k, v, scale: float) -> torch.Tensor:
+    """PyTorch's fused CPU flash kernel on (B, N, C) tokens, for inference: its output is normalised
+    by each row's sum of exponentials, but the row log-sum-exp it returns for a backward is rounded
+    to float32, which at logits of 1e4-1e5 rescales every recomputed weight by up to 1e-3-1e-2
+    (see :func:`_exp_less_max`); the autograd path recomputes with its own statistics."""
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 0.0, False, attn_mask=None, scale=scale
     )
-    return out.squeeze(1), lse.squeeze(1)
+    return out.squeeze(1)
+
+
+def _exp_less_max(logits: torch.Tensor, row_max: torch.Tensor | None, dim: int, scale: float = 1.0):
+    """exp(scale (S - m)) in place on a block of logits S, m the logit of each query with the largest
+    scaled value along ``dim`` (the key axis): taken here when ``row_max`` is None (forward), else
+    the one the forward took. Returns the unnormalised weights, all in (0, 1], and m.
+
+    The normalisation stays a separate sum l = sum_j exp(scale (S_ij - m_i)) that divides the output
+    (and the gradients) at the end, as the naive softmax divides its weights. Folding it into the
+    exponent as exp(S - lse), lse = m + log l, would round lse to float32 and scale all the weights
+    of a row by exp(lse_exact - lse), off 1 by up to half an ulp of lse: 1e-3 at logits of 3e4 (the
+    Gaussian's raw x.x over 512-1024 channels), enough for a row to no longer sum to 1 and for the
+    gradient of the queries to take a share of the keys' common component. S - m is exact wherever
+    the weight is not negligible, and a backward that forms S by the same products as its forward
+    gets the same weights bit for bit.
+    """
+    if row_max is None:
+        row_max = logits.amax(dim) if scale >= 0 else logits.amin(dim)
+    logits.sub_(row_max.unsqueeze(dim))
+    return (logits if scale == 1.0 else logits.mul_(scale)).exp_(), row_max
+
+
+def _rowsum_of_products(dp: torch.Tensor, p: torch.Tensor, dim: int) -> torch.Tensor:
+    """rowsum(dP * P) along the key axis ``dim``, kept: the term of the softmax gradient
+    dS = P * (dP - rowsum(dP * P)), from the very dP and P it is subtracted from and multiplied by.
+    Taken as rowsum(dO * O) instead, its rounding differs from that of dP: where a row's weight
+    sits on one key (P = 1 there), dS there is then rounding noise of the size of dO . v instead of
+    0, and dq = scale dS k carries it times the keys, which the Gaussian's large logits make large
+    (1e3 times the naive softmax's error on a block's input gradient)."""
+    return (dp * p).sum(dim, keepdim=True)
 
 
 def _chunked_softmax_forward(q, k, v, scale: float, chunk: int):
-    """Softmax attention a (B, chunk, M) block of logits at a time; returns the output and the
-    row log-sum-exp of the scaled logits, (B, N), which the backward reuses."""
-    out = v.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    """Softmax attention a (B, chunk, M) block of logits at a time. Returns the output and, for the
+    backward, each query's max m of the unscaled logits and sum l = sum_j exp(scale (S_ij - m_i)),
+    (B, N) each."""
     acc = _acc_dtype(q.dtype)
-    lse = q.new_empty(q.shape[0], q.shape[1], dtype=acc)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2], dtype=acc)
+    row_max, total = (q.new_empty(q.shape[0], q.shape[1], dtype=acc) for _ in range(2))
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     kt = ka.transpose(1, 2)  # (B, C, M)
     for s, e in _chunks(q.shape[1], chunk):
-        logits = torch.bmm(qa[:, s:e], kt).mul_(scale)  # (B, c, M)
-        lse[:, s:e] = torch.logsumexp(logits, dim=-1)
-        p = logits.sub_(lse[:, s:e, None]).exp_()
-        out[:, s:e] = torch.bmm(p, va)
-    return out, lse
+        weights, row_max[:, s:e] = _exp_less_max(torch.bmm(qa[:, s:e], kt), None, -1, scale)  # (B, c, M)
+        total[:, s:e] = weights.sum(-1)
+        torch.bmm(weights.div_(total[:, s:e, None]), va, out=out[:, s:e])
+    return out.to(v.dtype), row_max, total
 
 
-def _chunked_softmax_backward(q, k, v, out, lse, dout, scale: float, chunk: int, needs):
+def _chunked_softmax_backward(q, k, v, row_max, total, dout, scale: float, chunk: int, needs):
     """Gradients of softmax attention, recomputing each (B, chunk, M) block of probabilities.
 
-    With S = scale q k^T, P = exp(S - lse) (lse saved by the forward), O = P v:
-    dv = P^T dO, dP = dO v^T, dS = P * (dP - rowsum(dO * O)), dq = scale dS k, dk = scale dS^T q.
+    With S = q k^T, P = exp(scale (S - m)) / l (m and l saved by the forward), O = P v:
+    dv = P^T dO, dP = dO v^T, dS = P * (dP - rowsum(dP * P)), dq = scale dS k, dk = scale dS^T q.
     """
     acc = _acc_dtype(q.dtype)
     qa, ka, va, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    neg_lse = lse.to(acc).neg()[:, :, None]  # (B, N, 1)
-    neg_delta = (dout * out.to(acc)).sum(-1, keepdim=True).neg_()  # (B, N, 1) = -rowsum(dP * P)
     dq = torch.empty_like(qa) if needs[0] else None
     dk = torch.zeros_like(ka) if needs[1] else None
     dv = torch.zeros_like(va) if needs[2] else None
     kt, vt = ka.transpose(1, 2), va.transpose(1, 2)
     for s, e in _chunks(q.shape[1], chunk):
         dout_c = dout[:, s:e]
-        p = torch.baddbmm(neg_lse[:, s:e], qa[:, s:e], kt, alpha=scale).exp_()  # (B, c, M)
+        p, _ = _exp_less_max(torch.bmm(qa[:, s:e], kt), row_max[:, s:e], -1, scale)  # (B, c, M)
+        p.div_(total[:, s:e, None])
         if dv is not None:
             dv.baddbmm_(p.transpose(1, 2), dout_c)
         if dq is None and dk is None:
             continue
-        ds = torch.baddbmm(neg_delta[:, s:e], dout_c, vt).mul_(p)  # (B, c, M): dS without the scale
+        dp = torch.bmm(dout_c, vt)  # (B, c, M)
+        ds = dp.sub_(_rowsum_of_products(dp, p, -1)).mul_(p)  # (B, c, M): dS without the scale
         if dq is not None:
             dq[:, s:e] = torch.bmm(ds, ka)
         if dk is not None:
@@ -196,23 +242,22 @@ class _SoftmaxAttention(torch.autograd.Function):
     """Softmax attention whose forward and backward never hold more than one chunk of the affinity."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, chunk: int, flash_forward: bool):
-        if flash_forward:
-            out, lse = _cpu_flash_forward(q, k, v, scale)
-        else:
-            out, lse = _chunked_softmax_forward(q, k, v, scale, chunk)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, scale: float, chunk: int):
+        with _full_precision(q):
+            out, row_max, total = _chunked_softmax_forward(q, k, v, scale, chunk)
+        ctx.save_for_backward(q, k, v, row_max, total)
         ctx.scale, ctx.chunk = scale, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _chunked_softmax_backward(
-            q, k, v, out, lse, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:3]
-        )
-        return dq, dk, dv, None, None, None
+        q, k, v, row_max, total = ctx.saved_tensors
+        with _full_precision(q):
+            dq, dk, dv = _chunked_softmax_backward(
+                q, k, v, row_max, total, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:3]
+            )
+        return dq, dk, dv, None, None
 
 
 def softmax_attention(q, k, v, *, scale: float = 1.0, impl: str = "auto", chunk_size: int | None = None):
@@ -223,8 +268,10 @@ def softmax_attention(q, k, v, *, scale: float = 1.0, impl: str = "auto", chunk_
         k: keys (B, M, C): phi, or the (subsampled) x for the Gaussian.
         v: values (B, M, Cv): g.
         scale: multiplier of the logits (1/sqrt(C) in the official release, 1 in the paper).
-        impl: ``"auto"`` picks the fastest exact path for the device; ``"sdpa"`` forces PyTorch's
-            fused kernels with their own backward (RuntimeError if none accepts the inputs);
+        impl: ``"auto"`` picks the fastest exact path for the device (on CPU the chunked kernel,
+            and PyTorch's flash kernel for an inference forward of equal widths); ``"sdpa"`` forces
+            PyTorch's fused kernels with their own backward (RuntimeError if none accepts the
+            inputs; on CPU that backward loses float32 accuracy at logits of 1e4 and more);
             ``"chunked"`` forces the query-chunked kernel; ``"naive"`` the reference.
         chunk_size: query rows per chunk for the chunked kernel (default: about 2**20 elements
             of affinity per chunk).
@@ -250,8 +297,11 @@ def softmax_attention(q, k, v, *, scale: float = 1.0, impl: str = "auto", chunk_
         # any backend (the runtime picks a fused one where the shapes allow)
         out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
         return out.squeeze(1)
-    flash_forward = impl == "auto" and _cpu_flash_ok(q, k, v)
-    return _SoftmaxAttention.apply(q, k, v, scale, chunk, flash_forward)
+    if impl == "auto" and _cpu_flash_ok(q, k, v) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    ):
+        return _cpu_flash_forward(q, k, v, scale)  # inference: nothing recomputes from its statistics
+    return _SoftmaxAttention.apply(q, k, v, scale, chunk)
 
 
 def _check_channel_first(q, k, key_bias, v) -> None:
@@ -286,15 +336,14 @@ def _dense_chunk(t, s, e):
     return t if e - s == t.shape[1] else t[:, s:e].contiguous()
 
 
-def _key_major_weights(keys, queries, bias, lse):
-    """The weights P^T (M, c) of one clip and chunk, from the scaled keys (M, C), the queries
-    (C, c), the scaled key bias (M,) or None and the saved row log-sum-exp (c,)."""
+def _key_major_weights(keys, queries, bias, row_max):
+    """The unnormalised weights E^T = exp(S^T - m) (M, c) of one clip and chunk, and m (c,): from the
+    scaled keys (M, C), the queries (C, c), the scaled key bias (M,) or None, and the max of each
+    query's logits (None in the forward, which takes it; the saved one in the backward)."""
     logits = mm(keys, queries)  # (M, c)
     if bias is not None:
         logits.add_(bias[:, None])
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=0)
-    return logits.sub_(lse).exp_(), lse
+    return _exp_less_max(logits, row_max, 0)
 
 
 def _scaled_keys(k, key_bias, scale: float):
@@ -304,30 +353,35 @@ def _scaled_keys(k, key_bias, scale: float):
 
 
 def _channel_first_forward(q, k, key_bias, v, scale: float, chunk: int):
-    """Output (B, Cv, N) and the log-sum-exp of each query's scaled logits (B, N), one clip and one
-    (M, chunk) block of logits at a time. The logits are kept key-major, P^T = softmax(S)^T of
-    shape (M, c): every product then reads a dense operand as it lies (q and v channel-first, the
-    keys as tokens) and writes the output in its (Cv, c) layout."""
+    """Output (B, Cv, N), and each query's logit max m and sum l = sum_j exp(S_ij - m) (B, N), one
+    clip and one (M, chunk) block of logits at a time. The logits are kept key-major, E^T of shape
+    (M, c): every product then reads a dense operand as it lies (q and v channel-first, the keys as
+    tokens) and writes the output in its (Cv, c) layout. The values carry a row of ones, so the
+    product with the weights also gives l, which divides the output."""
     out = q.new_empty(q.shape[0], v.shape[1], q.shape[2])
-    lse = q.new_empty(q.shape[0], q.shape[2])
+    row_max, total = (q.new_empty(q.shape[0], q.shape[2]) for _ in range(2))
     keys, bias = _scaled_keys(k, key_bias, scale)
+    values = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, Cv + 1, M)
     for b in range(q.shape[0]):
         for s, e in _chunks(q.shape[2], chunk):
-            p_t, lse[b, s:e] = _key_major_weights(keys[b], _dense_chunk(q[b], s, e), None if bias is None else bias[b], None)
-            out[b, :, s:e] = mm(v[b], p_t)  # (Cv, c)
-    return out, lse
+            bias_b = None if bias is None else bias[b]
+            e_t, row_max[b, s:e] = _key_major_weights(keys[b], _dense_chunk(q[b], s, e), bias_b, None)
+            sums = mm(values[b], e_t)  # (Cv + 1, c)
+            total[b, s:e] = sums[-1]
+            torch.div(sums[:-1], sums[-1], out=out[b, :, s:e])
+    return out, row_max, total
 
 
-def _channel_first_backward(q, k, key_bias, v, out, lse, dout, scale: float, chunk: int, needs):
+def _channel_first_backward(q, k, key_bias, v, row_max, total, dout, scale: float, chunk: int, needs):
     """Gradients of :func:`_channel_first_forward`, recomputing each (M, chunk) block of weights.
 
-    With S = scale (q^T k + bias), P = exp(S - lse), O = v P^T, dP = dO^T v: dS = P * (dP - rowsum(dP * P)),
-    dq = scale k dS^T, dk = scale q dS, dbias = scale colsum(dS), dv = dO P. All kept transposed
-    as the forward keeps P (key-major).
+    With S = scale (q^T k + bias), E = exp(S - m), P = E / l, O = v P^T, dP = dO^T v:
+    dS = P * (dP - rowsum(dP * P)), dq = scale k dS^T, dk = scale q dS, dbias = scale colsum(dS),
+    dv = dO P. All kept transposed as the forward keeps E (key-major).
     """
-    # rowsum(dP * P) = rowsum(dO * O) per query: from whichever of the (M, c) weights and the
-    # (Cv, c) output chunk is smaller
-    delta_from_weights = k.shape[2] < v.shape[1]
+    # 1/l scales whichever of the (M, c) weights and the (Cv, c) gradient chunk is smaller: P and
+    # dO, or E and dO / l, which give the same products, dP / l and rowsum(dP * P) / l
+    keys_fewer = k.shape[2] < v.shape[1]
     keys, bias = _scaled_keys(k, key_bias, scale)
     values = v.transpose(1, 2).contiguous()  # (B, M, Cv)
     dq = torch.empty_like(q) if needs[0] else None
@@ -336,15 +390,19 @@ def _channel_first_backward(q, k, key_bias, v, out, lse, dout, scale: float, chu
     dv_t = v.new_zeros(v.shape[0], v.shape[2], v.shape[1]) if needs[3] else None  # (B, M, Cv)
     for b in range(q.shape[0]):
         for s, e in _chunks(q.shape[2], chunk):
-            queries, grad = _dense_chunk(q[b], s, e), _dense_chunk(dout[b], s, e)  # (C, c), (Cv, c)
-            p_t, _ = _key_major_weights(keys[b], queries, None if bias is None else bias[b], lse[b, s:e])
+            queries = _dense_chunk(q[b], s, e)  # (C, c)
+            p_t, _ = _key_major_weights(keys[b], queries, None if bias is None else bias[b], row_max[b, s:e])
+            if keys_fewer:
+                p_t, grad = p_t.div_(total[b, s:e]), _dense_chunk(dout[b], s, e)  # P^T (M, c), dO (Cv, c)
+            else:
+                grad = dout[b, :, s:e] / total[b, s:e]  # E^T, dO / l
             if dv_t is not None:
                 dv_t[b] += mm(p_t, grad.t())
             if dq is None and dk_t is None and dbias is None:
                 continue
             dp_t = mm(values[b], grad)  # (M, c)
-            delta = (dp_t * p_t).sum(0) if delta_from_weights else (grad * out[b, :, s:e]).sum(0)
-            ds_t = dp_t.sub_(delta).mul_(p_t)  # (M, c): dS^T / scale
+            delta = _rowsum_of_products(dp_t, p_t, 0)
+            ds_t = dp_t.sub_(delta if keys_fewer else delta.div_(total[b, s:e])).mul_(p_t)  # (M, c): dS^T / scale
             if dq is not None:
                 dq[b, :, s:e] = mm(k[b], ds_t)
             if dk_t is not None:
@@ -359,18 +417,20 @@ def _channel_first_backward(q, k, key_bias, v, out, lse, dout, scale: float, chu
 class _ChannelFirstSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, key_bias, v, scale: float, chunk: int):
-        out, lse = _channel_first_forward(q, k, key_bias, v, scale, chunk)
-        ctx.save_for_backward(q, k, key_bias, v, out, lse)
+        with _full_precision(q):
+            out, row_max, total = _channel_first_forward(q, k, key_bias, v, scale, chunk)
+        ctx.save_for_backward(q, k, key_bias, v, row_max, total)
         ctx.scale, ctx.chunk = scale, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, key_bias, v, out, lse = ctx.saved_tensors
-        grads = _channel_first_backward(
-            q, k, key_bias, v, out, lse, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:4]
-        )
+        q, k, key_bias, v, row_max, total = ctx.saved_tensors
+        with _full_precision(q):
+            grads = _channel_first_backward(
+                q, k, key_bias, v, row_max, total, dout, ctx.scale, ctx.chunk, ctx.needs_input_grad[:4]
+            )
         return (*grads, None, None)
 
 
@@ -386,8 +446,8 @@ def channel_first_softmax_attention(
     the 1x1 convs write, and the output comes in the layout of the conv, norm and residual that
     follow: no transposed copies of the N query positions. Each clip is done one (M, chunk) block
     of logits at a time with float32 products through oneDNN on CPU (:mod:`nonlocalnet._gemm`); the
-    backward recomputes the blocks from the saved log-sum-exp. The (B, N, M) weights are never
-    held whole.
+    backward recomputes the blocks from the saved row maxima and sums. The (B, N, M) weights are
+    never held whole.
 
     Args:
         q: queries (B, C, N).
