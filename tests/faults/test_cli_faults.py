@@ -79,6 +79,26 @@ def test_set_empty_mapping_removes_every_block_and_option(tmp_path):
     assert load_config(path, ["model={depth: 101}"]).model.nonlocal_blocks == {"res3": [0, 1]}  # a section merges
 
 
+def test_a_files_mapping_replaces_the_default_because_the_defaults_are_empty():
+    # load_config merges a file over the defaults, which equals replacing only while no mapping
+    # field has a default entry: one that gets one must be replaced explicitly in load_config
+    import dataclasses
+    import typing
+
+    from nonlocalnet.config import Config, DetectConfig
+
+    checked = []
+    for schema in (Config, DetectConfig):
+        for section in dataclasses.fields(schema):
+            values = getattr(schema(), section.name)
+            hints = typing.get_type_hints(type(values))
+            mappings = [f.name for f in dataclasses.fields(values) if "dict" in str(hints[f.name]).lower()]
+            checked += mappings
+            for name in mappings:
+                assert not getattr(values, name), f"{schema.__name__}.{section.name}.{name}"
+    assert {"nonlocal_blocks", "options", "detector"} <= set(checked)
+
+
 # --------------------------------------------------------------------------- bad configs, one line
 
 
