@@ -1,7 +1,8 @@
 """Faults injected into a 2-process torchrun run (gloo on CPU): one rank stopped with SIGSTOP in the
 middle of training. The other must not wait gloo's 30 minutes in silence: after ``train.timeout``
 seconds the job ends with a non-zero exit and a message naming the rank that did not arrive. Also a
-timeout in the environment (``NONLOCALNET_TIMEOUT``) that is not a number of seconds.
+timeout in the environment (``NONLOCALNET_TIMEOUT``) that is not a number of seconds, and a rank
+still busy when the others reach the end of the session.
 """
 
 import os
@@ -109,3 +110,25 @@ def test_a_bad_timeout_in_the_environment_is_named(monkeypatch, text):
     assert distributed._timeout(20) == 45.0  # the environment overrides the config
     monkeypatch.delenv("NONLOCALNET_TIMEOUT")
     assert distributed._timeout(20) == 20.0 and distributed._timeout(None) == distributed.DEFAULT_TIMEOUT
+
+
+@pytest.mark.slow
+def test_a_rank_late_at_the_end_is_named_by_the_barrier(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text("import sys, time\n"
+                      "from nonlocalnet import distributed\n"
+                      "from nonlocalnet.cli import error_message\n"
+                      "try:\n"
+                      "    with distributed.session(timeout=5):\n"
+                      "        if distributed.rank() == 1:\n"
+                      "            time.sleep(60)  # still busy when rank 0 reaches the end\n"
+                      "except Exception as err:\n"
+                      "    print(f'rank {distributed.rank()}: {error_message(err)}', file=sys.stderr)\n"
+                      "    sys.exit(2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(distributed.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("NONLOCALNET_TIMEOUT", None)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 50
+    assert "rank 0: rank 1 did not reach the end of the run within 5 s" in done.stderr, done.stderr[-3000:]
