@@ -258,7 +258,8 @@ def _near_tied_block(mode, channels, logit, shape=(4, 6, 6), **options):
             p.copy_(torch.randn_like(p) * (channels**-0.5 if "weight" in name else 0.1))
         if mode != "gaussian":
             block.phi.weight.copy_(block.theta.weight)
-    cluster = torch.randint(4, (shape[0], shape[1] // 2, shape[2] // 2)).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    cluster = torch.randint(4, (shape[0], shape[1] // 2, shape[2] // 2))
+    cluster = cluster.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (T, H, W)
     x = near_tied(cluster, channels, logit).permute(3, 0, 1, 2)[None]  # (1, C, T, H, W)
     tokens = x.flatten(2)[0].t()  # (N, C)
     if mode != "gaussian":

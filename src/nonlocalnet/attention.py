@@ -401,8 +401,8 @@ def _channel_first_backward(q, k, key_bias, v, row_max, total, dout, scale: floa
             if dq is None and dk_t is None and dbias is None:
                 continue
             dp_t = mm(values[b], grad)  # (M, c)
-            delta = _rowsum_of_products(dp_t, p_t, 0)
-            ds_t = dp_t.sub_(delta if keys_fewer else delta.div_(total[b, s:e])).mul_(p_t)  # (M, c): dS^T / scale
+            delta = _rowsum_of_products(dp_t, p_t, 0)  # rowsum(dP * P), or that / l
+            ds_t = dp_t.sub_(delta if keys_fewer else delta.div_(total[b, s:e])).mul_(p_t)  # dS^T / scale
             if dq is not None:
                 dq[b, :, s:e] = mm(k[b], ds_t)
             if dk_t is not None:
