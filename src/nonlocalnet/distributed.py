@@ -36,6 +36,7 @@ __all__ = ["DEFAULT_TIMEOUT", "CollectiveError", "setup", "teardown", "session",
 
 DEFAULT_TIMEOUT = 600  # seconds a rank waits for the others in a collective operation
 _group = {"timeout": DEFAULT_TIMEOUT, "store": None}  # of the group this process joined
+_WHY = "train.timeout: stopped, hung, dead, or busy for longer (then raise train.timeout)"
 # how a failed gloo operation (or one whose peer went away) reads
 _BROKEN = re.compile(r"timed out|timeout|closed by peer|connection reset|broken pipe|pair closure", re.I)
 
@@ -113,8 +114,8 @@ def barrier(what: str) -> None:
     except RuntimeError as err:  # rank 0: "Ranks 1, 3 failed to pass monitoredBarrier in 20000 ms"
         late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
         who = _ranks([int(r) for r in late.group(1).replace(",", " ").split()]) if late else "some rank"
-        raise CollectiveError(f"{who} did not reach {what} within {seconds:g} s (train.timeout; stopped, hung "
-                              f"or dead); the other ranks stop") from err
+        raise CollectiveError(f"{who} did not reach {what} within {seconds:g} s ({_WHY}); the other ranks "
+                              f"stop") from err
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -142,8 +143,8 @@ def _diagnose(err: BaseException) -> CollectiveError | None:
         failed = {r: store.get(f"failed/{r}").decode() for r in ranks if r not in missing and r != me}
     except (RuntimeError, ValueError):  # the store went away too
         return None
-    parts = [f"{_ranks(missing)} did not reach the collective operation within {seconds:g} s (train.timeout; "
-             f"stopped, hung or dead)"] if missing else []
+    parts = [f"{_ranks(missing)} did not reach the collective operation within {seconds:g} s ({_WHY})"] \
+        if missing else []
     parts += [f"rank {r} failed: {why}" for r, why in failed.items() if why]
     if not parts:
         return None
