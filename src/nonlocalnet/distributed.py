@@ -47,13 +47,14 @@ class CollectiveError(RuntimeError):
 
 
 def _timeout(timeout: float | None) -> float:
+    """Seconds of the collective timeout: ``NONLOCALNET_TIMEOUT``, else ``timeout``, else the default."""
     text = os.environ.get("NONLOCALNET_TIMEOUT")
     if text is not None:
         try:
             timeout = float(text)
         except ValueError:
             timeout = -1
-        if not timeout > 0:
+        if not 0 < timeout < 1e9:  # also NaN and inf, which timedelta refuses
             raise ValueError(f"NONLOCALNET_TIMEOUT: expected seconds > 0, got {text!r}")
     return float(DEFAULT_TIMEOUT if timeout is None else timeout)
 

@@ -101,7 +101,7 @@ def test_a_stopped_rank_is_named_within_the_timeout(tiny_set, tmp_path):
     assert reported < 45, (reported, stderr[-2000:])  # 20 s timeout, 10 s for the others' notes; gloo's was 30 min
 
 
-@pytest.mark.parametrize("text", ["soon", "0", "-5"])
+@pytest.mark.parametrize("text", ["soon", "0", "-5", "inf"])
 def test_a_bad_timeout_in_the_environment_is_named(monkeypatch, text):
     monkeypatch.setenv("NONLOCALNET_TIMEOUT", text)
     with pytest.raises(ValueError, match=f"NONLOCALNET_TIMEOUT: expected seconds > 0, got '{text}'"):
