@@ -10,7 +10,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from faultkit import TINY_SPEC  # noqa: E402
+from .faultkit import TINY_SPEC  # noqa: E402
 from nonlocalnet.data.synthetic import make_synthetic  # noqa: E402
 
 

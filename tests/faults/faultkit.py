@@ -1,4 +1,4 @@
-"""Helpers of the fault-injection suite (imported by its tests as ``faultkit``)."""
+"""Helpers of the fault-injection suite (``from .faultkit import ...``)."""
 
 from nonlocalnet.config import load_config
 from nonlocalnet.data.synthetic import SyntheticSpec

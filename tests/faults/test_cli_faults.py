@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from faultkit import tiny_overrides
+from .faultkit import tiny_overrides
 from nonlocalnet import cli
 from nonlocalnet.cli import main
 from nonlocalnet.config import load_config

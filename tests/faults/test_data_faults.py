@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import tiny_overrides
+from .faultkit import tiny_overrides
 
 from nonlocalnet.cli import main
 from nonlocalnet.data.datasets import (AnnotationError, VideoDataset, read_charades_csv, read_class_folders,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import tiny_overrides
+from .faultkit import tiny_overrides
 from nonlocalnet import distributed
 
 

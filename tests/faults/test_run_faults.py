@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import tiny_config, tiny_overrides
+from .faultkit import tiny_config, tiny_overrides
 
 from nonlocalnet import checkpoint as ckpt
 from nonlocalnet import engine, lock

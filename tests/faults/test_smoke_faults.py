@@ -1,4 +1,4 @@
-from faultkit import tiny_config
+from .faultkit import tiny_config
 
 
 def test_tiny_config_trains(tiny_set, tmp_path):
