@@ -372,7 +372,8 @@ def test_submodules_keys_and_initialisation():
 
 def test_scale_values():
     assert NonLocalBlock(64).scale == pytest.approx(32**-0.5)
-    assert NonLocalBlock(64, mode="gaussian").scale == pytest.approx(64**-0.5)
+    assert NonLocalBlock(64, mode="gaussian").scale == 1.0  # Eq. 2 is unscaled (issue 17)
+    assert NonLocalBlock(64, mode="gaussian", scale=True).scale == pytest.approx(64**-0.5)
     assert NonLocalBlock(64, scale=False).scale == 1.0
     assert NonLocalBlock(64, scale=0.25).scale == 0.25
     assert NonLocalBlock(64, mode="dot_product").scale == 1.0

@@ -48,8 +48,10 @@ class NonLocalBlock(nn.Module):
         scale: multiplier of the softmax logits: True gives 1/sqrt(d), d being the length of the
             dotted vectors (inner_channels; in_channels for ``gaussian``, whose f dots x itself),
             as the official release; False gives 1 (the paper's equations); a float is used as
-            given. The dot product and concatenation have no logits to scale: there only True,
-            False or 1.0 are accepted and change nothing.
+            given. None (the default): True for ``embedded_gaussian`` (the official code), 1 for
+            ``gaussian`` (Eq. 2; the official code has no Gaussian). The dot product and
+            concatenation have no logits to scale: there only None, True, False or 1.0 are
+            accepted and change nothing.
         norm: the norm after W_z, its scale initialised to 0 so that the block starts as the
             identity: True or ``"batch"`` (BatchNorm: the official release, PySlowFast,
             pytorchvideo, mmcv's and timm's defaults), ``"group"`` (GroupNorm of ``norm_groups``
@@ -95,7 +97,7 @@ class NonLocalBlock(nn.Module):
         mode: str = "embedded_gaussian",
         dims: int = 3,
         subsample: bool = True,
-        scale: bool | float = True,
+        scale: bool | float | None = None,
         norm: bool = True,
         affinity: str = "spacetime",
         *,
@@ -105,9 +107,14 @@ class NonLocalBlock(nn.Module):
         pool: str = "before",
         pool_kernel: Sequence[int] | None = None,
         norm_groups: int = 32,
+        distance: str = "dot",
     ):
         super().__init__()
         _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, fold)
+        if distance not in ("dot", "euclidean") or (distance == "euclidean" and mode != "gaussian"):
+            raise ValueError(f"distance: expected 'dot', or 'euclidean' with mode='gaussian', got {distance!r} "
+                             f"with mode={mode!r}")
+        self.distance = distance
         if pool not in ("before", "after"):
             raise ValueError(f"pool: expected 'before' or 'after' (the phi / g convs), got {pool!r}")
         if pool_kernel is not None:
@@ -181,6 +188,7 @@ class NonLocalBlock(nn.Module):
         return (
             f"{self.in_channels}, {self.inner_channels}, mode={self.mode!r}, dims={self.dims}, "
             f"subsample={self.subsample}, scale={self.scale:.4g}, affinity={self.affinity!r}, impl={self.impl!r}"
+            + ("" if self.distance == "dot" else f", distance={self.distance!r}")
             + ("" if self.fold is None else f", fold={self.fold}")
             + ("" if self.group_size is None else f", group_size={self.group_size}")
             + ("" if self.pool == "before" else f", pool={self.pool!r}")
@@ -366,6 +374,8 @@ class NonLocalBlock(nn.Module):
         if self.mode == "gaussian":
             q, k = x_flat, self._keys_source(x).flatten(2)  # x and the pooled x
             (g,) = self._key_maps(x, self.g, key_flat=k)
+            if self.distance == "euclidean":  # -|x_i - x_j|^2 = 2 x_i.x_j - |x_j|^2 - |x_i|^2 (constant in j)
+                k, key_bias = 2 * k, -(k * k).sum(1)  # (B, C, M), (B, M)
         else:
             phi, g = self._key_maps(x, self.phi, self.g)  # (B, C', M)
             if folds:
@@ -390,6 +400,9 @@ class NonLocalBlock(nn.Module):
         x_tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), a view
         if self.mode == "gaussian":
             q, k = x_tokens.contiguous(), key_flat.transpose(1, 2).contiguous()  # (B, N, C), (B, M, C)
+            if self.distance == "euclidean":
+                q, k = _euclidean_tokens(q, k)  # (B, N, C + 1), (B, M, C + 1)
+                v = F.pad(v, (0, 1))  # (B, M, C + 1): equal widths
         else:
             q = F.pad(x_tokens, (0, 1), value=1.0)  # (B, N, C + 1)
             w_key = torch.cat([self.theta.weight.flatten(1), self.theta.bias[:, None]], 1)  # (C', C + 1)
@@ -494,7 +507,9 @@ class NonLocalBlock(nn.Module):
         v = keys(self.g)
         if self.mode == "gaussian":
             q, k = x_flat.transpose(1, 2), key_flat.transpose(1, 2)  # (B, N, C), (B, M, C)
-            if self.impl != "naive":
+            if self.distance == "euclidean":
+                q, k = _euclidean_tokens(q, k)
+            elif self.impl != "naive":
                 q, k = q.contiguous(), k.contiguous()
         else:
             q, k = _tokens(self.theta, x_flat), keys(self.phi)  # (B, N, C'), (B, M, C')
@@ -524,13 +539,22 @@ def _check_args(in_channels, inner_channels, mode, dims, scale, affinity, impl, 
         raise ValueError("affinity: expected 'spacetime' or 'space' for dims=2 (no time axis), got 'time'")
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if not isinstance(scale, (bool, int, float)) or (not isinstance(scale, bool) and not scale > 0):
-        raise ValueError(f"scale: expected True, False or a positive number, got {scale!r}")
+    if scale is not None and (not isinstance(scale, (bool, int, float)) or (not isinstance(scale, bool) and not scale > 0)):
+        raise ValueError(f"scale: expected None, True, False or a positive number, got {scale!r}")
     if fold not in (None, True, False):
         raise ValueError(f"fold: expected None, True or False, got {fold!r}")
 
 
+def _euclidean_tokens(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B, N, C) and keys (B, M, C) whose dot products are 2 q_i.k_j - |k_j|^2, that is
+    -|q_i - k_j|^2 up to a term constant over j, which the softmax over j drops: [q, 1] and
+    [2 k, -|k|^2], (B, N, C + 1) and (B, M, C + 1)."""
+    return F.pad(q, (0, 1), value=1.0), torch.cat([2 * k, -(k * k).sum(-1, keepdim=True)], -1)
+
+
 def _resolve_scale(scale, mode: str, width: int) -> float:
+    if scale is None:  # the official code scales its softmax; Eq. 2 (the Gaussian) does not
+        scale = mode == "embedded_gaussian"
     if mode in ("gaussian", "embedded_gaussian"):
         if scale is True:
             return width**-0.5
