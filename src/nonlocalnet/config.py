@@ -335,6 +335,11 @@ def merge_overrides(config: Config, overrides: Sequence[str]) -> Config:
     for override in overrides:
         key = override.partition("=")[0]
         try:
+            override.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of a file name: no config file could hold it
+            raise ValueError(f"overrides: the value of {key} is not UTF-8 text ({ascii(override.partition('=')[2])}); "
+                             f"rename the file or folder it names") from None
+        try:
             value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
         except yaml.YAMLError as err:
             raise ValueError(f"overrides: {override!r}: {_yaml_problem(err, where=False)} (key: {key})") from None

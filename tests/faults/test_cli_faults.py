@@ -291,3 +291,10 @@ def test_no_detections_score_zero_not_minus_one(tmp_path):
     miss = [{"image_id": 1, "category_id": 3, "bbox": [60, 40, 20, 20], "score": 0.9}]  # no overlap
     missed = _score(COCO, COCOeval, dataset, {"bbox": miss}, [1, 2], ("bbox",))
     assert missed["bbox"] == nothing["bbox"] and set(missed["bbox"]) == set(STAT_NAMES["bbox"])
+
+
+def test_a_non_utf8_path_in_set_is_named(capsys):
+    bad = os.fsdecode(b"/tmp/vid\xff.txt")
+    assert main(["train", "--set", f"data.train={bad}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the value of data.train is not UTF-8 text" in err[0]
