@@ -93,3 +93,14 @@ def test_baseline_weights_initialise_a_non_local_model_whose_blocks_start_fresh(
     assert all(torch.equal(v, own[k]) for k, v in baseline.state_dict().items())
     x = torch.randn(1, 3, 4, 32, 32)
     torch.testing.assert_close(model.eval()(x), baseline.eval()(x))  # a fresh block is the identity
+
+
+def test_a_field_that_the_options_contradict_is_an_error():
+    with pytest.raises(ValueError, match=r"model.stem is 'paper' but model.options .* say 'mmaction2'"):
+        build_model(ModelConfig(name="i3d_nl5_r50", stem="paper", options={"stem": "mmaction2"}), 10)
+    with pytest.raises(ValueError, match=r"model.nonlocal_mode is 'gaussian' but .* say 'dot_product'"):
+        build_model(ModelConfig(name="i3d_nl5_r50", nonlocal_mode="gaussian",
+                                options={"nonlocal_options": {"mode": "dot_product"}}), 10)
+    resolved = resolve_model(ModelConfig(name="i3d_nl5_r50", options={"stem": "mmaction2"}))
+    assert resolved.stem == "mmaction2" and _built(resolved) == _built(ModelConfig(name="i3d_nl5_r50",
+                                                                                    options={"stem": "mmaction2"}))

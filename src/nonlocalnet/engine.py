@@ -184,12 +184,27 @@ def model_arguments(cfg: ModelConfig) -> dict:
         given["nonlocal_blocks"] = dict(NONLOCAL_PRESETS[cfg.nonlocal_preset][depth])
     elif cfg.nonlocal_blocks is not None:
         given["nonlocal_blocks"] = {k: tuple(v) for k, v in cfg.nonlocal_blocks.items()} or None
+    options = dict(cfg.options)
+    clash = {k: (given[k], options[k]) for k in given if k in options and _same(given[k]) != _same(options[k])}
+    mode = (options.get("nonlocal_options") or {}).get("mode")
+    if cfg.nonlocal_mode is not None and mode is not None and mode != cfg.nonlocal_mode:
+        clash["nonlocal_mode"] = (cfg.nonlocal_mode, mode)
+    if clash:
+        raise ValueError("model: " + "; ".join(f"model.{k} is {a!r} but model.options (or the options saved with "
+                                               f"model.weights) say {b!r}" for k, (a, b) in clash.items()))
     if cfg.nonlocal_mode is not None:
         if not given.get("nonlocal_blocks", base.get("nonlocal_blocks")):
             raise ValueError(f"model.nonlocal_mode: {cfg.nonlocal_mode!r} given for a model without non-local blocks "
                              f"(model.nonlocal_blocks / model.nonlocal_preset)")
         given["nonlocal_options"] = {"mode": cfg.nonlocal_mode}
-    return merge_options(merge_options(base, {**given, "dropout": cfg.dropout}), dict(cfg.options))
+    return merge_options(merge_options(base, {**given, "dropout": cfg.dropout}), options)
+
+
+def _same(value):
+    """A comparable form of a model argument: lists and tuples alike, mappings by their items."""
+    if isinstance(value, dict):
+        return {k: _same(v) for k, v in value.items()}
+    return tuple(_same(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
