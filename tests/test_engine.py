@@ -143,6 +143,24 @@ def test_precise_bn_is_the_population_statistics_of_all_batches():
     assert model[1].momentum == 0.1 and model[1].training
 
 
+def test_precise_bn_reaches_the_norms_of_non_local_blocks():
+    """The block applies its BatchNorm through a flat fast path: precise BN's statistics must still
+    see it (they once read zeros there, and the default job's evaluation collapsed to one class)."""
+    from nonlocalnet import NonLocalBlock
+
+    torch.manual_seed(0)
+    block = NonLocalBlock(8, inner_channels=4)
+    torch.nn.init.normal_(block.out.weight)
+    batches = [{"clip": torch.randn(2, 8, 2, 4, 4) + i} for i in range(3)]
+    with torch.no_grad():
+        features = [block.transform(b["clip"]).transpose(0, 1).flatten(1) for b in batches]
+    assert engine.precise_bn(block, batches, torch.device("cpu")) == 3
+    together = torch.cat(features, 1)
+    torch.testing.assert_close(block.norm.running_mean, together.mean(1))
+    torch.testing.assert_close(block.norm.running_var, together.var(1, unbiased=False))
+    assert not block.norm._forward_pre_hooks  # the hooks are removed again: the fast path is back
+
+
 def test_precise_bn_average_of_batch_variances_as_pyslowfast():
     model, batches, features = _bn_and_batches()
     assert engine.precise_bn(model, batches, torch.device("cpu"), variance="average") == 3

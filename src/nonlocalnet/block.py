@@ -199,7 +199,8 @@ class NonLocalBlock(nn.Module):
     # ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.transform(x)
-        if type(self.norm) in _BN.values():
+        if type(self.norm) in _BN.values() and not (self.norm._forward_pre_hooks or self.norm._forward_hooks):
+            # (hooks on the norm, such as precise BN's statistics, need the module to be called)
             # the norm's output is a fresh tensor no backward needs: add in place, no new (B, C, N),
             # and on the tensor itself: an in-place op on a view costs autograd a zero-filled copy
             # of the base and two more copies in the backward (CopySlices)
